@@ -1,0 +1,25 @@
+"""fastnoise: fast Gaussian weight-noise training for analog in-memory-compute hardware."""
+
+from . import functional
+from .context import noise
+from .modules import (Conv2d, Linear, convert, load_noise_state_dict, noise_state_dict,
+                      noisy_layers, restore)
+from .rng import initial_seed, manual_seed
+from .spec import NoiseSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NoiseSpec",
+    "Linear",
+    "Conv2d",
+    "convert",
+    "restore",
+    "noise",
+    "manual_seed",
+    "initial_seed",
+    "noise_state_dict",
+    "load_noise_state_dict",
+    "noisy_layers",
+    "functional",
+]

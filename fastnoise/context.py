@@ -1,0 +1,53 @@
+"""``with fastnoise.noise(...)``: turn noise on (eval included) or off, override the spec."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+from .spec import NoiseSpec
+
+__all__ = ["noise", "current"]
+
+
+@dataclass(frozen=True)
+class NoiseOverride:
+    enabled: bool
+    changes: tuple  # (field, value) pairs applied to each module's spec
+    draw: Optional[int]
+
+    def apply(self, spec: NoiseSpec) -> NoiseSpec:
+        return spec.replace(**dict(self.changes)) if self.changes else spec
+
+
+_stack: list[NoiseOverride] = []
+
+
+def current() -> Optional[NoiseOverride]:
+    return _stack[-1] if _stack else None
+
+
+@contextlib.contextmanager
+def noise(eta: Optional[float] = None, scale: Optional[str] = None,
+          noise_bias: Optional[bool] = None, *, enabled: bool = True, draw: Optional[int] = None):
+    """Control the noise of every fastnoise layer inside the block, in train and eval mode.
+
+    - ``with fastnoise.noise():`` noise on with each layer's own spec, also in eval mode.
+    - ``with fastnoise.noise(eta=0.06, scale="absmax"):`` noise on, those fields overridden.
+    - ``with fastnoise.noise(enabled=False):`` no noise at all (a clean pass in train mode).
+    - ``draw=k``: every call inside sees the same noise, draw ``k`` of a stream kept apart from
+      training's, and layer call counters do not advance: one simulated chip, so a whole
+      evaluation pass sees one fixed set of noisy weights.
+    """
+    changes = tuple((k, v) for k, v in (("eta", eta), ("scale", scale), ("noise_bias", noise_bias))
+                    if v is not None)
+    if changes:
+        NoiseSpec().replace(**dict(changes))  # validate now, not at the first forward
+    if draw is not None and (isinstance(draw, bool) or not isinstance(draw, int) or draw < 0):
+        raise ValueError(f"draw must be an int >= 0, got {draw!r}")
+    _stack.append(NoiseOverride(bool(enabled), changes, draw))
+    try:
+        yield
+    finally:
+        _stack.pop()

@@ -1,0 +1,310 @@
+"""Noisy linear and conv2d as differentiable functions.
+
+``noisy_linear(x, W, b, spec, seed, offset)`` computes ``x @ (W + sigma z)^T + b`` where ``z`` is
+the contract's noise for ``(seed, offset)`` (:mod:`fastnoise.rng`). Backward regenerates ``z``
+from the saved seed; gradients w.r.t. ``W`` and ``b`` are straight-through (sigma constant).
+Nothing of the weight's size is saved: only ``x``, the weight parameter itself, sigma and the
+offset.
+
+The ops are registered with ``torch.library`` (``torch.ops.fastnoise.*``) so
+``torch.compile(fullgraph=True)`` sees them as single nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import dispatch, reference
+from .rng import check_seed
+from .spec import NoiseSpec
+
+__all__ = ["noisy_linear", "noisy_conv2d"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- input checks
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_common(x: Tensor, weight: Tensor, bias: Optional[Tensor], spec) -> None:
+    _check_tensor("input", x)
+    _check_tensor("weight", weight)
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"input is on {x.device} but {name} is on {t.device}")
+    if spec is not None and not isinstance(spec, NoiseSpec):
+        raise TypeError(f"spec must be a fastnoise.NoiseSpec or None, got {type(spec).__name__}")
+
+
+def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's if it is on, else the input's (which must match W's)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(dev)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"input dtype {x.dtype} does not match weight dtype {weight.dtype} "
+                        "(cast one of them, or run under torch.autocast)")
+    return x.dtype
+
+
+def _offset_tensor(offset, device) -> Tensor:
+    if isinstance(offset, Tensor):
+        if offset.numel() != 1 or offset.dtype != torch.int64:
+            raise TypeError(f"offset tensor must hold one int64, got {offset.dtype} {tuple(offset.shape)}")
+        return offset.reshape(())
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0 or an int64 tensor, got {offset!r}")
+    return torch.tensor(offset & 0xFFFFFFFF, dtype=torch.int64, device=device)
+
+
+def _prepare(x, weight, bias, spec, seed, offset, path, backward_path):
+    dispatch.check_path(path)
+    dispatch.check_path(backward_path or path)
+    check_seed(seed)
+    dtype = _compute_dtype(x, weight)
+    sigma = spec.sigma(weight, bias)
+    return (x.to(dtype), sigma, spec.mode, bool(spec.noise_bias and bias is not None),
+            _offset_tensor(offset, weight.device), backward_path or path)
+
+
+def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+# ----------------------------------------------------------------------------- linear
+def _linear_impl(path: str, x: Tensor, weight: Tensor, backward: bool = False):
+    from . import _backends
+
+    return _backends.linear_impl(path, x, weight, backward)
+
+
+@torch.library.custom_op("fastnoise::noisy_linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], sigma: Tensor, mode: int,
+               noise_bias: bool, seed: int, offset: Tensor, path: str, backward_path: str) -> Tensor:
+    impl = _linear_impl(path, x, weight)
+    return impl.forward(x, weight, bias, sigma, mode, noise_bias, seed, offset)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, sigma, mode, noise_bias, seed, offset, path, backward_path):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("fastnoise::noisy_linear_backward", mutates_args=())
+def _linear_bwd_op(grad: Tensor, x: Tensor, weight: Tensor, sigma: Tensor, mode: int, seed: int,
+                   offset: Tensor, path: str, need_x: bool, need_w: bool,
+                   need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    impl = _linear_impl(path, grad, weight, backward=True)
+    dx, dw, db = impl.backward(grad, x, weight, sigma, mode, seed, offset, need_x, need_w, need_b)
+    return _empty_like_none(dx, x), _empty_like_none(dw, weight), _empty_like_none(db, sigma)
+
+
+@_linear_bwd_op.register_fake
+def _(grad, x, weight, sigma, mode, seed, offset, path, need_x, need_w, need_b):
+    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
+            sigma.new_empty((weight.shape[0],) if need_b else (0,)))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, sigma, mode, noise_bias, seed, offset, path, backward_path = inputs
+    ctx.save_for_backward(x, weight, sigma, offset)
+    ctx.args = (mode, seed, backward_path)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, grad):
+    x, weight, sigma, offset = ctx.saved_tensors
+    mode, seed, path = ctx.args
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = _linear_bwd_op(grad.contiguous(), x, weight, sigma, mode, seed, offset, path,
+                                need_x, need_w, bool(need_b))
+    return (dx if need_x else None, dw if need_w else None,
+            db.to(ctx.bias_dtype) if need_b else None) + (None,) * 7
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def noisy_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                 spec: Optional[NoiseSpec] = NoiseSpec(), seed: int = 0, offset=0, *,
+                 path: str = "auto", backward_path: Optional[str] = None) -> Tensor:
+    """``F.linear`` with Gaussian weight noise ``W + sigma z`` drawn from ``(seed, offset)``.
+
+    Args:
+        input: ``[..., in_features]``.
+        weight: ``[out_features, in_features]``; under ``torch.autocast`` it may stay float32
+            (it is rounded to the compute dtype inside the kernel, not copied).
+        bias: ``[out_features]`` or None.
+        spec: the noise size; None or ``eta == 0`` gives exactly ``F.linear``.
+        seed: Philox key, an int in ``[0, 2**63)``.
+        offset: call counter (int, or an int64 tensor read on the device without a sync).
+        path: ``"auto"``, ``"reference"``, ``"fused"`` or ``"generate"`` (see
+            :mod:`fastnoise.dispatch`); ``backward_path`` overrides it for the backward.
+    """
+    _check_common(input, weight, bias, spec)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input's last dimension must be in_features={weight.shape[1]}, "
+                         f"got input shape {tuple(input.shape)}")
+    if spec is None or spec.eta == 0.0:
+        return F.linear(input, weight, bias)
+    x, sigma, mode, noise_bias, off, bpath = _prepare(input, weight, bias, spec, seed, offset,
+                                                      path, backward_path)
+    return _linear_op(x, weight, bias, sigma, mode, noise_bias, seed, off, path, bpath)
+
+
+# ----------------------------------------------------------------------------- conv2d
+def _conv_impl(path: str, x: Tensor, weight: Tensor, geometry, backward: bool = False):
+    from . import _backends
+
+    return _backends.conv2d_impl(path, x, weight, geometry, backward)
+
+
+def _conv_out_hw(h, w, weight, stride, padding, dilation):
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+@torch.library.custom_op("fastnoise::noisy_conv2d", mutates_args=())
+def _conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], sigma: Tensor, mode: int,
+             noise_bias: bool, seed: int, offset: Tensor, stride: list[int], padding: list[int],
+             dilation: list[int], groups: int, path: str, backward_path: str) -> Tensor:
+    geometry = (stride, padding, dilation, groups)
+    impl = _conv_impl(path, x, weight, geometry)
+    return impl.forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, *geometry)
+
+
+@_conv_op.register_fake
+def _(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding, dilation, groups,
+      path, backward_path):
+    oh, ow = _conv_out_hw(x.shape[-2], x.shape[-1], weight, stride, padding, dilation)
+    return x.new_empty(x.shape[0], weight.shape[0], oh, ow)
+
+
+@torch.library.custom_op("fastnoise::noisy_conv2d_backward", mutates_args=())
+def _conv_bwd_op(grad: Tensor, x: Tensor, weight: Tensor, sigma: Tensor, mode: int, seed: int,
+                 offset: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                 groups: int, path: str, need_x: bool, need_w: bool,
+                 need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    geometry = (stride, padding, dilation, groups)
+    impl = _conv_impl(path, grad, weight, geometry, backward=True)
+    dx, dw, db = impl.backward(grad, x, weight, sigma, mode, seed, offset, *geometry,
+                               need_x, need_w, need_b)
+    return _empty_like_none(dx, x), _empty_like_none(dw, weight), _empty_like_none(db, sigma)
+
+
+@_conv_bwd_op.register_fake
+def _(grad, x, weight, sigma, mode, seed, offset, stride, padding, dilation, groups, path,
+      need_x, need_w, need_b):
+    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
+            grad.new_empty((weight.shape[0],) if need_b else (0,)))
+
+
+def _conv_setup(ctx, inputs, output):
+    (x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding, dilation, groups,
+     path, backward_path) = inputs
+    ctx.save_for_backward(x, weight, sigma, offset)
+    ctx.args = (mode, seed, stride, padding, dilation, groups, backward_path)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _conv_backward(ctx, grad):
+    x, weight, sigma, offset = ctx.saved_tensors
+    mode, seed, stride, padding, dilation, groups, path = ctx.args
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = _conv_bwd_op(grad, x, weight, sigma, mode, seed, offset, stride, padding,
+                              dilation, groups, path, need_x, need_w, bool(need_b))
+    return (dx if need_x else None, dw if need_w else None,
+            db.to(ctx.bias_dtype) if need_b else None) + (None,) * 11
+
+
+_conv_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def _pair(v, name: str) -> list[int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    try:
+        a, b = v
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in (a, b)):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return [a, b]
+
+
+def _resolve_padding(x: Tensor, weight: Tensor, padding, dilation, stride):
+    """String padding -> explicit ints; 'same' with an even kernel pads the input asymmetrically."""
+    if not isinstance(padding, str):
+        pad = _pair(padding, "padding")
+        if min(pad) < 0:
+            raise ValueError(f"padding must be >= 0, got {padding!r}")
+        return x, pad
+    if padding == "valid":
+        return x, [0, 0]
+    if padding != "same":
+        raise ValueError(f"padding must be 'same', 'valid' or ints, got {padding!r}")
+    if stride != [1, 1]:
+        raise ValueError("padding='same' is not supported for strided convolutions")
+    pad, extra = [], []
+    for d, k in zip(dilation, weight.shape[2:]):
+        total = d * (k - 1)
+        pad.append(total // 2)
+        extra.append(total - 2 * (total // 2))
+    if any(extra):
+        x = F.pad(x, (0, extra[1], 0, extra[0]))
+    return x, pad
+
+
+def noisy_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                 dilation=1, groups: int = 1, spec: Optional[NoiseSpec] = NoiseSpec(), seed: int = 0,
+                 offset=0, *, path: str = "auto", backward_path: Optional[str] = None) -> Tensor:
+    """``F.conv2d`` with Gaussian weight noise; arguments as :func:`noisy_linear` and ``F.conv2d``.
+
+    The noise of weight ``[out, in/groups, kh, kw]`` is that of its GEMM view
+    ``[out, in/groups * kh * kw]``.
+    """
+    _check_common(input, weight, bias, spec)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [out, in/groups, kh, kw], got shape {tuple(weight.shape)}")
+    if input.dim() not in (3, 4):
+        raise ValueError(f"input must be 3-D or 4-D [N, C, H, W], got shape {tuple(input.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"stride and dilation must be >= 1, got {stride} and {dilation}")
+    c_in = input.shape[-3]
+    if c_in != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(f"input has {c_in} channels but weight {tuple(weight.shape)} with "
+                         f"groups={groups} expects {weight.shape[1] * groups}")
+    if spec is None or spec.eta == 0.0:
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    x, pad = _resolve_padding(x, weight, padding, dilation, stride)
+    oh, ow = _conv_out_hw(x.shape[-2], x.shape[-1], weight, stride, pad, dilation)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"input {tuple(input.shape)} is too small for kernel {tuple(weight.shape[2:])} "
+                         f"with padding {pad}, dilation {dilation}")
+    x, sigma, mode, noise_bias, off, bpath = _prepare(x, weight, bias, spec, seed, offset, path,
+                                                      backward_path)
+    y = _conv_op(x, weight, bias, sigma, mode, noise_bias, seed, off, stride, pad, dilation, groups,
+                 path, bpath)
+    return y.squeeze(0) if unbatched else y

@@ -1,0 +1,176 @@
+"""The noise stream: one definition, every backend.
+
+Every kernel and the pure-PyTorch reference draw ``z`` for weight element ``(r, c)`` of the
+2-D GEMM view ``[out, K]`` (``K = in * kh * kw`` in PyTorch's contiguous order) like this:
+
+1. Philox4x32-10 (Salmon et al. 2011, Random123) with
+   key ``(seed & 0xFFFFFFFF, seed >> 32)`` and counter ``(c // 4, r, stream, offset)``
+   gives four 32-bit words ``x0..x3``. ``stream`` is 0 for weights and 1 for the bias
+   (the bias is row 0, column ``i``); ``offset`` is the 32-bit call counter.
+2. Each word becomes a uniform in (0, 1) that float32 holds exactly:
+   ``u = ((x >> 9) * 2 + 1) * 2**-24``.
+3. Box-Muller on the pairs: ``rho = sqrt(-2 ln u0)``, ``theta = 2 pi u1`` gives
+   ``n0 = rho cos theta``, ``n1 = rho sin theta``; likewise ``n2, n3`` from ``u2, u3``.
+4. ``z[r, c] = n_{c % 4}``: one Philox call serves four neighbouring columns.
+
+So ``z`` is a pure function of ``(seed, offset, stream, r, c)``: any tile order, any kernel and
+the backward pass regenerate it exactly. Values lie within +-5.77 (u >= 2**-24).
+
+Seeds: a module's ``seed`` is ``mix(global seed, module id)`` and its ``offset`` counts its
+noisy forward calls, so every call sees fresh noise and a run is reproducible from
+:func:`manual_seed`. :func:`noise_state_dict` / :func:`load_noise_state_dict` in
+:mod:`fastnoise.modules` save and restore the counters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "PHILOX_ROUNDS",
+    "philox4x32",
+    "normal_grid",
+    "manual_seed",
+    "initial_seed",
+    "mix64",
+    "check_seed",
+    "STREAM_WEIGHT",
+    "STREAM_BIAS",
+]
+
+PHILOX_ROUNDS = 10
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+MASK32 = 0xFFFFFFFF
+MAX_SEED = 2**63  # seeds travel through int64 custom-op arguments
+
+STREAM_WEIGHT = 0
+STREAM_BIAS = 1
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * m for int64 tensors a in [0, 2**32) and a constant m.
+
+    int64 cannot hold the 64-bit product, so m is split in 16-bit halves; every partial
+    product stays below 2**49.
+    """
+    p_hi = a * (m >> 16)  # < 2**48
+    t = a * (m & 0xFFFF) + ((p_hi & 0xFFFF) << 16)  # < 2**49
+    hi = (p_hi >> 16) + (t >> 32)
+    return hi, t & MASK32
+
+
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 on int64 tensors holding uint32 values; the key is two Python ints.
+
+    Returns four int64 tensors of uint32 values. Matches the Random123 known-answer vectors.
+    """
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
+    k0 &= MASK32
+    k1 &= MASK32
+    for i in range(rounds):
+        if i:
+            k0 = (k0 + PHILOX_W0) & MASK32
+            k1 = (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """uint32 (in int64) -> float64 uniform in (0, 1), exactly representable in float32."""
+    return ((x >> 9) * 2 + 1).to(torch.float64) * 2.0**-24
+
+
+def _box_muller(xa: torch.Tensor, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rho = torch.sqrt(-2.0 * torch.log(_uniform(xa)))
+    theta = (2.0 * math.pi) * _uniform(xb)
+    return rho * torch.cos(theta), rho * torch.sin(theta)
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def normal_grid(
+    seed: int,
+    offset: int,
+    rows: int,
+    cols: int,
+    stream: int = STREAM_WEIGHT,
+    device: torch.device | str | None = None,
+    row_start: int = 0,
+) -> torch.Tensor:
+    """The contract's z for rows ``row_start .. row_start + rows`` and columns ``0 .. cols``.
+
+    Pure PyTorch (any device), float32, shape ``[rows, cols]``. Computed in float64 and
+    rounded once, so it is the most accurate value of the contract.
+    """
+    check_seed(seed)
+    offset = int(offset) & MASK32
+    groups = (cols + 3) // 4
+    out = torch.empty(rows, groups * 4, dtype=torch.float32, device=device)
+    if rows == 0 or groups == 0:
+        return out[:, :cols]
+    g = torch.arange(groups, dtype=torch.int64, device=device)
+    # bound the int64 temporaries to ~2**22 groups per chunk
+    chunk = max(1, (1 << 22) // groups)
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        r = torch.arange(row_start + r0, row_start + r1, dtype=torch.int64, device=device)
+        c0 = g.expand(r1 - r0, groups)
+        c1 = r[:, None].expand(r1 - r0, groups)
+        x0, x1, x2, x3 = philox4x32(c0, c1, stream, offset, seed & MASK32, seed >> 32)
+        n0, n1 = _box_muller(x0, x1)
+        n2, n3 = _box_muller(x2, x3)
+        out[r0:r1] = torch.stack((n0, n1, n2, n3), dim=-1).reshape(r1 - r0, groups * 4)
+    return out[:, :cols]
+
+
+# ----------------------------------------------------------------------------- seeds
+_MASK64 = (1 << 64) - 1
+_state = {"seed": 0x5EED, "next_id": 0}
+
+
+def mix64(*values: int) -> int:
+    """SplitMix64-style hash of a tuple of ints into [0, 2**63)."""
+    h = 0x243F6A8885A308D3
+    for v in values:
+        h = (h ^ (v & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def manual_seed(seed: int) -> None:
+    """Set the global noise seed and restart module ids at 0.
+
+    Like ``torch.manual_seed``: a script that calls it, then builds its models the same way,
+    sees the same noise.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"manual_seed expects an int, got {seed!r}")
+    _state["seed"] = seed & _MASK64
+    _state["next_id"] = 0
+
+
+def initial_seed() -> int:
+    """The global noise seed."""
+    return _state["seed"]
+
+
+def next_module_id() -> int:
+    i = _state["next_id"]
+    _state["next_id"] = i + 1
+    return i

@@ -1,0 +1,36 @@
+"""Packaging: maps the top-level ``kernels/`` folder to ``fastnoise.kernels`` and builds the
+optional CUDA extension in ``csrc/`` when a compiler and CUDA are present.
+
+The extension is optional: with no compiler, no CUDA or ``FASTNOISE_NO_EXT=1`` the package
+installs and works (Triton and PyTorch paths).
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+
+def _extensions():
+    sources = [os.path.join("csrc", f) for f in sorted(os.listdir("csrc")) if f.endswith((".cu", ".cpp"))] \
+        if os.path.isdir("csrc") else []
+    if not sources or os.environ.get("FASTNOISE_NO_EXT") == "1":
+        return [], {}
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if CUDA_HOME is None:
+        return [], {}
+    ext = CUDAExtension("fastnoise._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["fastnoise", "fastnoise.*"]) + ["fastnoise.kernels"],
+    package_dir={"fastnoise.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
