@@ -2,8 +2,7 @@
 
 from . import functional
 from .context import noise
-from .modules import (Conv2d, Linear, convert, load_noise_state_dict, noise_state_dict,
-                      noisy_layers, restore)
+from .modules import Conv2d, Linear, convert, load_noise_state_dict, noise_state_dict, noisy_layers, restore
 from .rng import initial_seed, manual_seed
 from .spec import NoiseSpec
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch, reference
+from . import dispatch
 from .rng import check_seed
 from .spec import NoiseSpec
 
@@ -263,7 +263,7 @@ def _resolve_padding(x: Tensor, weight: Tensor, padding, dilation, stride):
     if stride != [1, 1]:
         raise ValueError("padding='same' is not supported for strided convolutions")
     pad, extra = [], []
-    for d, k in zip(dilation, weight.shape[2:]):
+    for d, k in zip(dilation, weight.shape[2:], strict=True):
         total = d * (k - 1)
         pad.append(total // 2)
         extra.append(total - 2 * (total // 2))

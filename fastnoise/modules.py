@@ -10,7 +10,8 @@ says otherwise. Each layer keeps an id and a call counter (a non-persistent buff
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,127 @@
+"""The noise stream: known answers, statistics, independence, reproducibility."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import fastnoise
+from fastnoise import rng
+
+M = 0xFFFFFFFF
+# Random123 kat_vectors, philox4x32 with 10 rounds (and one with 7)
+KAT = [
+    ((0, 0, 0, 0), (0, 0), 10, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((M, M, M, M), (M, M), 10, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), 10,
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), 7,
+     (0x4DFCCABA, 0x190A87F0, 0xC47362BA, 0xB6B5242A)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,rounds,want", KAT, ids=["zeros", "ones", "pi", "pi-7rounds"])
+def test_philox_known_answers(ctr, key, rounds, want):
+    out = rng.philox4x32(*ctr, *key, rounds=rounds)
+    assert tuple(int(o) for o in out) == want
+
+
+def test_normal_is_box_muller_of_philox_by_hand():
+    seed, offset, r, c = (7 << 32) | 11, 3, 5, 9  # column 9 = group 2, lane 1
+    x = [int(v) for v in rng.philox4x32(c // 4, r, rng.STREAM_WEIGHT, offset, 11, 7)]
+    u = [((v >> 9) * 2 + 1) * 2.0**-24 for v in x]
+    expected = np.sqrt(-2 * np.log(u[0])) * np.sin(2 * np.pi * u[1])  # lane 1 -> n1
+    z = rng.normal_grid(seed, offset, r + 1, c + 1)
+    assert abs(z[r, c].item() - expected) < 1e-6
+
+
+N_STATS = 1 << 21  # 2M draws
+
+
+@pytest.fixture(scope="module")
+def big_sample():
+    return rng.normal_grid(123456789, 0, 1024, N_STATS // 1024).double().flatten().numpy()
+
+
+def test_moments(big_sample):
+    z, n = big_sample, big_sample.size
+    assert n >= 1_000_000
+    # 6-sigma bounds of each estimator under N(0, 1)
+    assert abs(z.mean()) < 6 / np.sqrt(n)
+    assert abs(z.var() - 1) < 6 * np.sqrt(2 / n)
+    assert abs(stats.skew(z)) < 6 * np.sqrt(6 / n)
+    assert abs(stats.kurtosis(z)) < 6 * np.sqrt(24 / n)
+
+
+def test_kolmogorov_smirnov(big_sample):
+    assert stats.kstest(big_sample, "norm").pvalue > 1e-3
+    # and a handful of other seeds, smaller samples
+    for seed in range(1, 6):
+        z = rng.normal_grid(seed, 0, 256, 1024).flatten().double().numpy()
+        assert stats.kstest(z, "norm").pvalue > 1e-4
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
+
+
+def test_no_correlation_between_neighbours():
+    z = rng.normal_grid(99, 0, 512, 1024)
+    bound = 6 / np.sqrt(z.numel())
+    assert abs(_corr(z[:, :-1], z[:, 1:])) < bound  # neighbouring columns (lanes of a group too)
+    assert abs(_corr(z[:-1], z[1:])) < bound  # neighbouring rows
+    for lane_a, lane_b in [(0, 1), (0, 2), (1, 3), (2, 3)]:  # the four outputs of one Philox call
+        assert abs(_corr(z[:, lane_a::4], z[:, lane_b::4])) < 4 * bound
+    # squares too: Box-Muller pairs share a radius
+    assert abs(_corr(z[:, 0::4] ** 2, z[:, 1::4] ** 2)) < 4 * bound
+
+
+def test_no_correlation_between_seeds_calls_streams():
+    base = rng.normal_grid(5, 0, 512, 512)
+    bound = 6 / np.sqrt(base.numel())
+    assert abs(_corr(base, rng.normal_grid(6, 0, 512, 512))) < bound  # seeds
+    assert abs(_corr(base, rng.normal_grid(5 | (1 << 40), 0, 512, 512))) < bound  # high key word
+    assert abs(_corr(base, rng.normal_grid(5, 1, 512, 512))) < bound  # calls (offsets)
+    assert abs(_corr(base, rng.normal_grid(5, 0, 512, 512, stream=1))) < bound  # weight vs bias
+
+
+def test_same_seed_bit_identical_and_tiling_independent():
+    a = rng.normal_grid(42, 7, 33, 70)
+    assert torch.equal(a, rng.normal_grid(42, 7, 33, 70))
+    # a sub-grid regenerated alone equals the same region of a larger grid
+    big = rng.normal_grid(42, 7, 40, 101)
+    assert torch.equal(a, big[:33, :70])
+    assert torch.equal(big[10:20], rng.normal_grid(42, 7, 10, 101, row_start=10))
+    assert not torch.equal(a, rng.normal_grid(43, 7, 33, 70))
+
+
+def test_offset_is_32_bit():
+    assert torch.equal(rng.normal_grid(1, 5, 4, 8), rng.normal_grid(1, 5 + (1 << 32), 4, 8))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True], ids=repr)
+def test_bad_seed(seed):
+    with pytest.raises((ValueError, TypeError), match="seed"):
+        rng.normal_grid(seed, 0, 2, 2)
+
+
+def test_module_seeds_reproducible_and_fresh_per_call():
+    def run():
+        torch.manual_seed(0)  # weights
+        fastnoise.manual_seed(3)  # noise
+        layer = fastnoise.Linear(16, 8)
+        x = torch.ones(2, 16)
+        return [layer(x) for _ in range(3)], layer
+
+    first, layer = run()
+    second, _ = run()
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], first[1])  # a new draw per call
+    assert int(layer.noise_calls) == 3
+    fastnoise.manual_seed(4)
+    other = fastnoise.Linear(16, 8)
+    other.load_state_dict(layer.state_dict())
+    assert not torch.equal(other(torch.ones(2, 16)), first[0])
+    with pytest.raises(TypeError):
+        fastnoise.manual_seed("1")
