@@ -1,19 +1,123 @@
-"""Path choice for noisy conv2d."""
+"""Path choice for noisy conv2d.
+
+Both Triton paths follow the noise contract, so any forward path pairs with any backward path:
+
+- ``generate``: :func:`fastnoise.kernels.noise_gen.noisy_weight` writes ``W + sigma z`` once in
+  the compute dtype (and the weight's memory format), cuDNN convolves, the buffer is dropped
+  right after. Costs ``|W|`` normals plus one write and one read of ``|W|``.
+- ``fused``: :func:`fastnoise.kernels.noisy_conv.noisy_conv2d_fwd`, an implicit-GEMM conv that
+  adds ``sigma z`` to each weight tile after loading it. Costs ``ceil(M / BM) * |W|`` per-element
+  normals (``M = N * OH * OW``), nothing of the weight's size written: it wins only when the
+  output is small.
+- The backward of both regenerates ``W + sigma z`` once for grad input
+  (``aten.convolution_backward``); grad weight needs only the weight's shape (straight-through).
+
+``auto`` takes the reference on the CPU and, on a GPU, ``fused`` when the output has at most
+:data:`FUSED_MAX_OUTPUT_PIXELS` pixels and the weight is not too small to matter, else
+``generate``. Half and single precision only: float64 runs the reference.
+"""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
 
 from . import dispatch
 from ._backends import REFERENCE_CONV2D
 
+# Largest output M = N * OH * OW for which `auto` takes the fused kernel. A provisional value
+# from the performance model of the design notes (in-kernel noise costs one |W| of normals per
+# M-tile, 4x that with per-element Philox, so only a handful of M-tiles can pay off against
+# one generation + cuDNN); it stands in for the crossover that `bench/test_bench_conv.py`
+# measures per ResNet-50 shape, and is to be replaced by that measurement.
+FUSED_MAX_OUTPUT_PIXELS = 256
+# Weights below this many elements: the generate path's extra launch is cheap and cuDNN is
+# hard to beat, so `auto` keeps generate. Provisional, set by the same benchmark.
+FUSED_MIN_WEIGHT_NUMEL = 4096
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _generate_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding,
+                      dilation, groups):
+    from .kernels import noise_gen
+
+    wn = noise_gen.noisy_weight(weight, sigma, mode, seed, offset, x.dtype)
+    if bias is None:
+        b = None
+    elif noise_bias:
+        b = noise_gen.noisy_bias(bias, sigma, mode, seed, offset, x.dtype)
+    else:
+        b = bias.detach().to(x.dtype)
+    y = F.conv2d(x, wn, b, stride, padding, dilation, groups)
+    del wn  # short-lived: back to the caching allocator before the next layer
+    return y
+
+
+def _generate_backward(grad, x, weight, sigma, mode, seed, offset, stride, padding, dilation, groups,
+                       need_x, need_w, need_b):
+    """dx with the forward's noise (regenerated), dW and db straight-through."""
+    from .kernels import noise_gen
+
+    if need_x:
+        w = noise_gen.noisy_weight(weight, sigma, mode, seed, offset, grad.dtype)
+    else:  # convolution_backward reads only the shape for grad weight
+        w = torch.empty_like(weight, dtype=grad.dtype)
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        grad, x, w, [weight.shape[0]] if need_b else None, stride, padding, dilation,
+        False, [0, 0], groups, [need_x, need_w, need_b],
+    )
+    del w
+    return dx, (dw.to(weight.dtype) if need_w else None), db
+
+
+def _fused_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding,
+                   dilation, groups):
+    from .kernels import noisy_conv
+
+    return noisy_conv.noisy_conv2d_fwd(x, weight, bias, sigma, mode, noise_bias, seed, offset,
+                                       stride, padding, dilation, groups)
+
+
+GENERATE_CONV2D = SimpleNamespace(name="generate", forward=_generate_forward,
+                                  backward=_generate_backward)
+FUSED_CONV2D = SimpleNamespace(name="fused", forward=_fused_forward, backward=_generate_backward)
+
+
+def output_pixels(x, weight, geometry) -> int:
+    """``M = N * OH * OW`` of the conv's implicit GEMM."""
+    stride, padding, dilation, _ = geometry
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh = (x.shape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (x.shape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.shape[0] * max(oh, 0) * max(ow, 0)
+
+
+def auto_path(x, weight, geometry) -> str:
+    """``fused`` or ``generate`` for a CUDA conv (see the module docstring)."""
+    if (output_pixels(x, weight, geometry) <= FUSED_MAX_OUTPUT_PIXELS
+            and weight.numel() >= FUSED_MIN_WEIGHT_NUMEL):
+        return "fused"
+    return "generate"
+
 
 def choose(path, x, weight, geometry, backward=False):
+    """The implementation of ``path`` for this call (``x`` is the grad in the backward)."""
     if path == "reference":
         return REFERENCE_CONV2D
     ok, why = dispatch.triton_usable(x)
+    if ok and (x.dtype not in _KERNEL_DTYPES or weight.dtype not in _KERNEL_DTYPES):
+        ok, why = False, f"Triton conv kernels take float16/bfloat16/float32, got {x.dtype}"
     if not ok:
         if path != "auto":
             dispatch.fall_back("noisy_conv2d", path, why)
         return REFERENCE_CONV2D
-    if path != "auto":
-        dispatch.fall_back("noisy_conv2d", path, "no Triton kernel for this path yet")
-    return REFERENCE_CONV2D
+    if path == "auto":
+        if x.device.type != "cuda":
+            return REFERENCE_CONV2D
+        if backward:
+            return GENERATE_CONV2D
+        path = auto_path(x, weight, geometry)
+    return FUSED_CONV2D if path == "fused" else GENERATE_CONV2D

@@ -1,0 +1,292 @@
+"""Noisy conv2d as an implicit GEMM that adds ``sigma * z`` to each weight tile in-kernel.
+
+For input ``x [N, C, H, W]`` (any strides: NCHW or channels_last), weight
+``W [Cout, C/g, KH, KW]`` and ``g`` groups, group ``j`` computes the GEMM
+
+    y[m, co] = sum_k  X_j[m, k] * (W[co, k] + sigma(co, k) * z[co, k]) + b[co]
+
+with ``m = (n, oh, ow)`` an output pixel (``M = N * OH * OW`` rows), ``co`` one of the group's
+``Cout/g`` output channels and ``k`` one of its ``K = C/g * KH * KW`` taps;
+``X_j[m, k] = x[n, j*C/g + ci, oh*sh - ph + r*dh, ow*sw - pw + s*dw]`` (zero outside the
+image). ``z[co, k]`` is the contract's noise (:mod:`fastnoise.rng`) of row ``co`` and canonical
+column ``k = ci * KH * KW + r * KW + s`` of the weight's GEMM view ``[Cout, K]``; the noisy
+weight is rounded once to the compute dtype (that of ``x``), as the reference does.
+
+The K loop runs over ``(r, s, ci-block)``, so input channels are contiguous in an NHWC input,
+but canonical columns of one tile are ``KH * KW`` apart: the noise is drawn per element with
+``normal_at`` (one Philox call per element, 4x the RNG of ``normal_tile``). 1x1 kernels, where
+``k = ci`` is contiguous, use ``normal_tile``. Every M-tile redraws the noise of the weight tiles
+it reads, ``ceil(M / BM) * |W|`` normals in all, so this path is for small outputs (batch 1-8,
+late ResNet stages); large outputs generate ``W + sigma z`` once and call cuDNN
+(:mod:`fastnoise.kernels.noise_gen`). When the output has too few tiles to fill the GPU, the K
+loop is split over ``SPLIT_K`` programs that add float32 partial sums atomically.
+
+Depthwise-like convs (one input channel per group) take a separate direct kernel: a
+``[BM, BC]`` tile of output pixels x channels, ``KH * KW`` multiply-adds per element.
+
+Only the forward lives here: the backward of every path regenerates ``W + sigma z`` once and
+calls ``aten.convolution_backward`` (see :mod:`fastnoise._backends_conv`).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import noise_scale, normal_at, normal_tile
+
+__all__ = ["noisy_conv2d_fwd", "output_memory_format"]
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Tile configs: a starting set for H100-class GPUs, to be pruned by `bench/test_bench_conv.py`.
+# Under the interpreter (CPU tests) one small config, so nothing is autotuned there.
+_CONFIGS = [
+    triton.Config({"BM": 32, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BN": 128, "BK": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 128, "BN": 64, "BK": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 16, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+]
+_INTERPRET_CONFIGS = [triton.Config({"BM": 32, "BN": 16, "BK": 16}, num_warps=4, num_stages=1)]
+
+# Split-K is sized from an estimate of the output tiles at this tile size (the real BM/BN are
+# autotuned); the goal is about two programs per SM.
+_SPLIT_EST_BM = 64
+_SPLIT_EST_BN = 64
+_MAX_SPLIT_K = 16
+
+
+@triton.autotune(
+    configs=_INTERPRET_CONFIGS if _interpret() else _CONFIGS,
+    key=["M", "COUT_G", "CIN_G", "KH", "KW", "SPLIT_K"],
+    restore_value=["y_ptr"],  # split-K adds into y: keep autotuning runs from accumulating
+)
+@triton.jit
+def _noisy_conv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, sigma_ptr, offset_ptr, seed_lo, seed_hi,
+    M, H, W, OH, OW, CIN_G, COUT_G,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NOISE_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """One [BM, BN] tile of y for group program_id(1), K steps program_id(2)::SPLIT_K."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    n_tiles = tl.cdiv(COUT_G, BN)
+    pid_m = pid // n_tiles  # neighbouring programs share the x tile
+    pid_n = pid % n_tiles
+
+    offs_m = pid_m * BM + tl.arange(0, BM)  # [BM] output pixels
+    mmask = offs_m < M
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    n = (t // OH).to(tl.int64)
+    ih0 = oh * stride_h - pad_h  # [BM]
+    iw0 = ow * stride_w - pad_w
+    x_row = n * sxn + (g * CIN_G).to(tl.int64) * sxc  # [BM] int64
+
+    co_local = pid_n * BN + tl.arange(0, BN)  # [BN]
+    nmask = co_local < COUT_G
+    co = g * COUT_G + co_local  # global output channel = row of the weight's GEMM view
+    w_col = co.to(tl.int64) * swo  # [BN]
+
+    offset = tl.load(offset_ptr)
+    compute_ty = x_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    n_cblk = tl.cdiv(CIN_G, BK)
+    for step in range(pid_k, KH * KW * n_cblk, SPLIT_K):
+        tap = step // n_cblk
+        r = tap // KW
+        s = tap % KW
+        ci = (step % n_cblk) * BK + tl.arange(0, BK)  # [BK] input channel within the group
+        cmask = ci < CIN_G
+        ih = ih0 + r * dil_h
+        iw = iw0 + s * dil_w
+        inside = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # [BM]
+        x_off = x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw  # [BM]
+        xt = tl.load(x_ptr + x_off[:, None] + ci.to(tl.int64)[None, :] * sxc,
+                     mask=inside[:, None] & cmask[None, :], other=0.0)  # [BM, BK]
+
+        wmask = cmask[:, None] & nmask[None, :]
+        w_off = ci.to(tl.int64)[:, None] * swi + (r * swh + s * sww) + w_col[None, :]
+        w = tl.load(w_ptr + w_off, mask=wmask, other=0.0).to(tl.float32)  # [BK, BN]
+        if KH * KW == 1:  # canonical column = ci: contiguous, one Philox call per 4 columns
+            z = tl.trans(normal_tile(seed_lo, seed_hi, offset, 0, g * COUT_G + pid_n * BN,
+                                     (step % n_cblk) * BK, BN, BK))  # [BK, BN]
+        else:
+            k_canon = ci * (KH * KW) + tap  # [BK]
+            z = normal_at(seed_lo, seed_hi, offset, 0, co[None, :], k_canon[:, None])  # [BK, BN]
+        sig = noise_scale(w, sigma_ptr, co[None, :], nmask[None, :], MODE)
+        wn = tl.where(wmask, w + sig * z, 0.0).to(compute_ty)  # rounded once, like the reference
+
+        if DOT_F32:  # the interpreter's dot cannot take bfloat16 operands; exact upcast
+            acc = tl.dot(xt.to(tl.float32), wn.to(tl.float32), acc)
+        elif compute_ty == tl.float32:
+            acc = tl.dot(xt, wn, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wn, acc)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + co, mask=nmask, other=0.0).to(tl.float32)  # [BN]
+        if NOISE_BIAS:  # stream 1, row 0, column = channel; sigma of that channel
+            zb = normal_at(seed_lo, seed_hi, offset, 1, tl.zeros_like(co), co)
+            bias = bias + noise_scale(bias, sigma_ptr, co, nmask, MODE) * zb
+        bias = bias.to(compute_ty).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = tl.where(pid_k == 0, bias, 0.0)
+        acc += bias[None, :]
+
+    y_off = (n * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] \
+        + co.to(tl.int64)[None, :] * syc  # [BM, BN]
+    ymask = mmask[:, None] & nmask[None, :]
+    if SPLIT_K > 1:  # y is a zeroed float32 buffer
+        tl.atomic_add(y_ptr + y_off, acc, mask=ymask)
+    else:
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
+def _noisy_dwconv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, sigma_ptr, offset_ptr, seed_lo, seed_hi,
+    M, H, W, OH, OW, COUT, COUT_G,
+    sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NOISE_BIAS: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    """One input channel per group: y[m, co] = sum_{r,s} x[m @ (r, s), co // COUT_G] * Wn[co, 0, r, s]."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)  # [BM]
+    mmask = offs_m < M
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    n = (t // OH).to(tl.int64)
+    co = pid_c * BC + tl.arange(0, BC)  # [BC]
+    cmask = co < COUT
+    x_chan = (co // COUT_G).to(tl.int64) * sxc  # [BC]
+    offset = tl.load(offset_ptr)
+    compute_ty = x_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BC), dtype=tl.float32)
+    for tap in tl.static_range(KH * KW):
+        r = tap // KW
+        s = tap % KW
+        ih = oh * stride_h - pad_h + r * dil_h
+        iw = ow * stride_w - pad_w + s * dil_w
+        inside = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # [BM]
+        x_off = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw  # [BM]
+        xt = tl.load(x_ptr + x_off[:, None] + x_chan[None, :],
+                     mask=inside[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # [BM, BC]
+        w = tl.load(w_ptr + co.to(tl.int64) * swo + (r * swh + s * sww), mask=cmask,
+                    other=0.0).to(tl.float32)  # [BC]
+        z = normal_at(seed_lo, seed_hi, offset, 0, co, tl.zeros_like(co) + tap)  # column = tap
+        wn = (w + noise_scale(w, sigma_ptr, co, cmask, MODE) * z).to(compute_ty).to(tl.float32)
+        acc += xt * wn[None, :]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + co, mask=cmask, other=0.0).to(tl.float32)
+        if NOISE_BIAS:
+            zb = normal_at(seed_lo, seed_hi, offset, 1, tl.zeros_like(co), co)
+            bias = bias + noise_scale(bias, sigma_ptr, co, cmask, MODE) * zb
+        acc += bias.to(compute_ty).to(tl.float32)[None, :]
+    y_off = (n * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] \
+        + co.to(tl.int64)[None, :] * syc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & cmask[None, :])
+
+
+_DW_BM = 64
+_DW_BC = 32
+
+
+def _channels_last_suggested(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The layout ``F.conv2d`` gives: channels_last when the input or the weight is in it."""
+    if _channels_last_suggested(x) or _channels_last_suggested(weight):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: small, so CPU tests exercise split-K too
+
+
+def _pick_split_k(m: int, cout_g: int, groups: int, steps: int, device: torch.device) -> int:
+    """K splits so that output tiles x splits is about two programs per SM."""
+    tiles = triton.cdiv(m, _SPLIT_EST_BM) * triton.cdiv(cout_g, _SPLIT_EST_BN) * groups
+    want = triton.cdiv(2 * _sm_count(device), tiles)
+    return max(1, min(want, steps // 4 if steps >= 8 else 1, _MAX_SPLIT_K))
+
+
+def noisy_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias, sigma: torch.Tensor, mode: int,
+                     noise_bias: bool, seed: int, offset: torch.Tensor, stride, padding, dilation,
+                     groups: int, split_k: int | None = None) -> torch.Tensor:
+    """``conv2d(x, W + sigma z, b)`` with the noise drawn in-kernel; output in ``x.dtype``.
+
+    Args as :func:`fastnoise.reference.conv2d_forward` (``x`` already in the compute dtype,
+    ``padding`` explicit ints). ``split_k`` overrides the K-split heuristic (tests). The output
+    memory format follows :func:`output_memory_format`.
+    """
+    assert x.dim() == 4 and weight.dim() == 4, (x.shape, weight.shape)
+    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
+    n, c, h, w = x.shape
+    cout, cin_g, kh, kw = weight.shape
+    assert c == cin_g * groups and cout % groups == 0, (x.shape, weight.shape, groups)
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cout_g = cout // groups
+    m = n * oh * ow
+    fmt = output_memory_format(x, weight)
+    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    if y.numel() == 0:
+        return y
+    offset = offset.to(x.device)
+    has_bias = bias is not None
+    b = bias if has_bias else sigma  # any valid pointer when there is no bias
+    seed_lo, seed_hi = seed & 0xFFFFFFFF, seed >> 32
+    geometry = (sh, sw, ph, pw, dh, dw)
+
+    if cin_g == 1:
+        grid = (triton.cdiv(m, _DW_BM), triton.cdiv(cout, _DW_BC))
+        _noisy_dwconv_fwd_kernel[grid](
+            x, weight, b, y, sigma, offset, seed_lo, seed_hi,
+            m, h, w, oh, ow, cout, cout_g,
+            *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(),
+            *geometry,
+            KH=kh, KW=kw, MODE=mode, HAS_BIAS=has_bias, NOISE_BIAS=bool(noise_bias and has_bias),
+            BM=_DW_BM, BC=_DW_BC,
+        )
+        return y
+
+    if split_k is None:
+        steps = kh * kw * triton.cdiv(cin_g, 32)
+        split_k = _pick_split_k(m, cout_g, groups, steps, x.device)
+    assert split_k >= 1, split_k
+    out = y if split_k == 1 else torch.zeros_like(y, dtype=torch.float32)  # same layout as y
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(cout_g, meta["BN"]), groups, split_k)
+    _noisy_conv_fwd_kernel[grid](
+        x, weight, b, out, sigma, offset, seed_lo, seed_hi,
+        m, h, w, oh, ow, cin_g, cout_g,
+        *x.stride(), *weight.stride(), *out.stride(),
+        *geometry,
+        KH=kh, KW=kw, MODE=mode, HAS_BIAS=has_bias, NOISE_BIAS=bool(noise_bias and has_bias),
+        SPLIT_K=split_k, DOT_F32=_interpret(),
+    )
+    if out is not y:
+        y.copy_(out)
+    return y
