@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import context, rng
+from . import context, pregenerate, rng
 from .functional import noisy_conv2d, noisy_linear
 from .spec import NoiseSpec
 
@@ -44,8 +44,9 @@ class _NoisyMixin:
         self.register_buffer("noise_calls", torch.zeros((), dtype=torch.int64,
                                                         device=self.weight.device), persistent=False)
 
-    def _noise_args(self):
-        """(spec, seed, offset) for this call, or None for a clean call. Advances the counter."""
+    def _noise_args(self, advance: bool = True):
+        """(spec, seed, offset) for this call, or None for a clean call. Advances the counter;
+        ``advance=False`` only peeks (the offset is then the counter buffer itself)."""
         override = context.current()
         if override is None:
             if not self.training:
@@ -62,6 +63,8 @@ class _NoisyMixin:
             offset = override.draw
         else:
             seed = rng.mix64(rng.initial_seed(), self.noise_id)
+            if not advance:
+                return spec, seed, self.noise_calls
             offset = self.noise_calls.clone()
             self.noise_calls.add_(1)
         return spec, seed, offset
@@ -83,6 +86,9 @@ class Linear(_NoisyMixin, nn.Linear):
         if args is None:
             return F.linear(input, self.weight, self.bias)
         spec, seed, offset = args
+        pre = pregenerate.lookup(self, spec, seed, offset, input)
+        if pre is not None:  # inside fastnoise.pregenerated(...)
+            return F.linear(input, *pre)
         return noisy_linear(input, self.weight, self.bias, spec, seed, offset)
 
 
@@ -101,6 +107,9 @@ class Conv2d(_NoisyMixin, nn.Conv2d):
         if args is None:
             return self._conv_forward(input, self.weight, self.bias)
         spec, seed, offset = args
+        pre = pregenerate.lookup(self, spec, seed, offset, input)
+        if pre is not None:  # inside fastnoise.pregenerated(...)
+            return self._conv_forward(input, *pre)
         padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)

@@ -154,6 +154,7 @@ def _noisy_weights_multi_kernel(
     tl.store(out_ptr + o_off, (w + s * z).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_empty = torch.empty  # the flat output's allocator (tests pre-fill it with NaN)
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -218,7 +219,7 @@ def _launch_group(tensors, sigmas, mode, seeds, offsets, streams, src_dtype, dty
         shapes.append((tuple(t.shape), so, total))
         total += t.numel()
         tiles += n_tiles
-    flat = torch.empty(total, dtype=dtype, device=device)
+    flat = _empty(total, dtype=dtype, device=device)
     if tiles:
         meta = torch.tensor(rows, dtype=torch.int64).to(device)
         tile_start = torch.tensor(starts, dtype=torch.int64).to(device)

@@ -43,6 +43,20 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@triton.jit
+def _round(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """float32 -> ``dtype`` rounded to nearest even, as the GPU converts.
+
+    The interpreter truncates float32 -> bfloat16; with ``EMULATE_RTNE`` the rounding is done
+    on the bits first (add half an ulp of bfloat16, plus one if the kept lsb is odd).
+    """
+    if EMULATE_RTNE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
 # Tile configs: a starting set for H100-class GPUs, to be pruned by `bench/test_bench_conv.py`.
 # Under the interpreter (CPU tests) one small config, so nothing is autotuned there.
 _CONFIGS = [
@@ -74,7 +88,7 @@ def _noisy_conv_fwd_kernel(
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    NOISE_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
+    NOISE_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """One [BM, BN] tile of y for group program_id(1), K steps program_id(2)::SPLIT_K."""
@@ -127,9 +141,9 @@ def _noisy_conv_fwd_kernel(
             k_canon = ci * (KH * KW) + tap  # [BK]
             z = normal_at(seed_lo, seed_hi, offset, 0, co[None, :], k_canon[:, None])  # [BK, BN]
         sig = noise_scale(w, sigma_ptr, co[None, :], nmask[None, :], MODE)
-        wn = tl.where(wmask, w + sig * z, 0.0).to(compute_ty)  # rounded once, like the reference
+        wn = _round(tl.where(wmask, w + sig * z, 0.0), compute_ty, INTERPRET)  # rounded once
 
-        if DOT_F32:  # the interpreter's dot cannot take bfloat16 operands; exact upcast
+        if INTERPRET:  # the interpreter's dot cannot take bfloat16 operands; exact upcast
             acc = tl.dot(xt.to(tl.float32), wn.to(tl.float32), acc)
         elif compute_ty == tl.float32:
             acc = tl.dot(xt, wn, acc, input_precision="ieee")
@@ -141,7 +155,7 @@ def _noisy_conv_fwd_kernel(
         if NOISE_BIAS:  # stream 1, row 0, column = channel; sigma of that channel
             zb = normal_at(seed_lo, seed_hi, offset, 1, tl.zeros_like(co), co)
             bias = bias + noise_scale(bias, sigma_ptr, co, nmask, MODE) * zb
-        bias = bias.to(compute_ty).to(tl.float32)
+        bias = _round(bias, compute_ty, INTERPRET).to(tl.float32)
         if SPLIT_K > 1:
             bias = tl.where(pid_k == 0, bias, 0.0)
         acc += bias[None, :]
@@ -152,7 +166,7 @@ def _noisy_conv_fwd_kernel(
     if SPLIT_K > 1:  # y is a zeroed float32 buffer
         tl.atomic_add(y_ptr + y_off, acc, mask=ymask)
     else:
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        tl.store(y_ptr + y_off, _round(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
 
 
 @triton.jit
@@ -162,7 +176,7 @@ def _noisy_dwconv_fwd_kernel(
     sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    NOISE_BIAS: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    NOISE_BIAS: tl.constexpr, INTERPRET: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):
     """One input channel per group: y[m, co] = sum_{r,s} x[m @ (r, s), co // COUT_G] * Wn[co, 0, r, s]."""
     pid_m = tl.program_id(0)
@@ -191,17 +205,19 @@ def _noisy_dwconv_fwd_kernel(
         w = tl.load(w_ptr + co.to(tl.int64) * swo + (r * swh + s * sww), mask=cmask,
                     other=0.0).to(tl.float32)  # [BC]
         z = normal_at(seed_lo, seed_hi, offset, 0, co, tl.zeros_like(co) + tap)  # column = tap
-        wn = (w + noise_scale(w, sigma_ptr, co, cmask, MODE) * z).to(compute_ty).to(tl.float32)
+        wn = _round(w + noise_scale(w, sigma_ptr, co, cmask, MODE) * z, compute_ty, INTERPRET)
+        wn = wn.to(tl.float32)
         acc += xt * wn[None, :]
     if HAS_BIAS:
         bias = tl.load(b_ptr + co, mask=cmask, other=0.0).to(tl.float32)
         if NOISE_BIAS:
             zb = normal_at(seed_lo, seed_hi, offset, 1, tl.zeros_like(co), co)
             bias = bias + noise_scale(bias, sigma_ptr, co, cmask, MODE) * zb
-        acc += bias.to(compute_ty).to(tl.float32)[None, :]
+        acc += _round(bias, compute_ty, INTERPRET).to(tl.float32)[None, :]
     y_off = (n * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] \
         + co.to(tl.int64)[None, :] * syc
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & cmask[None, :])
+    tl.store(y_ptr + y_off, _round(acc, y_ptr.dtype.element_ty, INTERPRET),
+             mask=mmask[:, None] & cmask[None, :])
 
 
 _DW_BM = 64
@@ -234,12 +250,14 @@ def _pick_split_k(m: int, cout_g: int, groups: int, steps: int, device: torch.de
 
 def noisy_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias, sigma: torch.Tensor, mode: int,
                      noise_bias: bool, seed: int, offset: torch.Tensor, stride, padding, dilation,
-                     groups: int, split_k: int | None = None) -> torch.Tensor:
+                     groups: int, split_k: int | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """``conv2d(x, W + sigma z, b)`` with the noise drawn in-kernel; output in ``x.dtype``.
 
     Args as :func:`fastnoise.reference.conv2d_forward` (``x`` already in the compute dtype,
     ``padding`` explicit ints). ``split_k`` overrides the K-split heuristic (tests). The output
-    memory format follows :func:`output_memory_format`.
+    memory format follows :func:`output_memory_format`; ``out`` (any strides) receives it
+    instead when given.
     """
     assert x.dim() == 4 and weight.dim() == 4, (x.shape, weight.shape)
     assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
@@ -252,7 +270,11 @@ def noisy_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias, sigma: torch.T
     cout_g = cout // groups
     m = n * oh * ow
     fmt = output_memory_format(x, weight)
-    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    if out is None:
+        y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    else:
+        assert out.shape == (n, cout, oh, ow) and out.dtype == x.dtype, (out.shape, out.dtype)
+        y = out
     if y.numel() == 0:
         return y
     offset = offset.to(x.device)
@@ -269,7 +291,7 @@ def noisy_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias, sigma: torch.T
             *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(),
             *geometry,
             KH=kh, KW=kw, MODE=mode, HAS_BIAS=has_bias, NOISE_BIAS=bool(noise_bias and has_bias),
-            BM=_DW_BM, BC=_DW_BC,
+            INTERPRET=_interpret(), BM=_DW_BM, BC=_DW_BC,
         )
         return y
 
@@ -277,16 +299,16 @@ def noisy_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias, sigma: torch.T
         steps = kh * kw * triton.cdiv(cin_g, 32)
         split_k = _pick_split_k(m, cout_g, groups, steps, x.device)
     assert split_k >= 1, split_k
-    out = y if split_k == 1 else torch.zeros_like(y, dtype=torch.float32)  # same layout as y
+    acc = y if split_k == 1 else torch.zeros_like(y, dtype=torch.float32)  # same layout as y
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(cout_g, meta["BN"]), groups, split_k)
     _noisy_conv_fwd_kernel[grid](
-        x, weight, b, out, sigma, offset, seed_lo, seed_hi,
+        x, weight, b, acc, sigma, offset, seed_lo, seed_hi,
         m, h, w, oh, ow, cin_g, cout_g,
-        *x.stride(), *weight.stride(), *out.stride(),
+        *x.stride(), *weight.stride(), *acc.stride(),
         *geometry,
         KH=kh, KW=kw, MODE=mode, HAS_BIAS=has_bias, NOISE_BIAS=bool(noise_bias and has_bias),
-        SPLIT_K=split_k, DOT_F32=_interpret(),
+        SPLIT_K=split_k, INTERPRET=_interpret(),
     )
-    if out is not y:
-        y.copy_(out)
+    if acc is not y:
+        y.copy_(acc)
     return y
