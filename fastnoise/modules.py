@@ -65,8 +65,11 @@ class _NoisyMixin:
             seed = rng.mix64(rng.initial_seed(), self.noise_id)
             if not advance:
                 return spec, seed, self.noise_calls
-            offset = self.noise_calls.clone()
-            self.noise_calls.add_(1)
+            # advance by a new tensor, not add_: the offset saved for backward is then never
+            # written, which torch.compile needs (its partitioner may recompute a clone of a
+            # buffer in the backward, after an in-place update; pytorch/pytorch PR 197039)
+            offset = self.noise_calls
+            self.noise_calls = offset + 1
         return spec, seed, offset
 
     def extra_repr(self) -> str:
