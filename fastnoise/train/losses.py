@@ -1,0 +1,117 @@
+"""Losses of the two training methods.
+
+Knowledge distillation with noise (Zhou et al. 2020, "Noisy Machines")::
+
+    loss = (1 - alpha) * CE(s, y) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+``s``: the noisy student's logits, ``t``: the clean teacher's (a constant target). The ``T^2``
+factor keeps the soft term's gradient the same size as the hard term's when ``T`` changes
+(Hinton et al. 2015): the gradient of the KL term w.r.t. ``s`` scales as ``1 / T^2``.
+
+Consistency regularization (Hou et al. 2024)::
+
+    loss = CE(noisy logits, y) + lambda * mean over layers of d(noisy feature, clean feature)
+
+with the clean features (same weights, noise off) as constant targets; ``d`` is the mean squared
+error or ``1 - cosine similarity`` of each sample's flattened feature.
+
+Both compute in float32 whatever the logits' dtype (bf16 under autocast).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_TEMPERATURE", "DISTANCES", "kd_loss", "kd_terms",
+           "consistency_loss", "feature_distance"]
+
+DEFAULT_TEMPERATURE = 6.0
+# Weight of the soft (teacher) term. The student starts from the teacher, so the teacher's soft
+# targets carry nearly all of the information the noisy student has to recover; the hard labels
+# only anchor it where the teacher is wrong. 0.9 is Hinton et al.'s usual weighting of the
+# soft term; with the T^2 factor both terms have gradients of comparable size.
+DEFAULT_ALPHA = 0.9
+DISTANCES = ("mse", "cosine")
+
+
+def _check_temperature_alpha(temperature: float, alpha: float) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+
+
+def kd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+             temperature: float = DEFAULT_TEMPERATURE, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``(CE(s, y), T^2 * KL(softmax(t/T) || softmax(s/T)))``, both batch means, float32.
+
+    The teacher logits are detached. The KL is summed over classes and averaged over the batch
+    (``reduction="batchmean"``), the form whose value is the true KL divergence.
+    """
+    _check_temperature_alpha(temperature, 0.0)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    s = student_logits.float()
+    t = teacher_logits.detach().float()
+    ce = F.cross_entropy(s, target, label_smoothing=label_smoothing)
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return ce, kl * (temperature * temperature)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+            temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
+            label_smoothing: float = 0.0) -> Tensor:
+    """``(1 - alpha) * CE(s, y) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))`` (float32 scalar).
+
+    Args:
+        student_logits: ``[batch, classes]``, from the noisy student (gradients flow here).
+        teacher_logits: ``[batch, classes]``, from the clean teacher (detached here).
+        target: ``[batch]`` class indices.
+        temperature: ``T`` > 0 (6 as in Noisy Machines).
+        alpha: weight of the distillation term in [0, 1] (default :data:`DEFAULT_ALPHA`).
+        label_smoothing: passed to the cross-entropy term.
+    """
+    _check_temperature_alpha(temperature, alpha)
+    ce, kd = kd_terms(student_logits, teacher_logits, target, temperature, label_smoothing)
+    return (1.0 - alpha) * ce + alpha * kd
+
+
+def feature_distance(noisy: Tensor, clean: Tensor, distance: str = "mse") -> Tensor:
+    """Distance between one layer's noisy and clean features (clean detached), float32 scalar.
+
+    ``mse``: mean of squared differences over all elements. ``cosine``: mean over the batch of
+    ``1 - cos(noisy_i, clean_i)`` with each sample's feature flattened.
+    """
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if noisy.shape != clean.shape:
+        raise ValueError(f"noisy feature {tuple(noisy.shape)} and clean feature "
+                         f"{tuple(clean.shape)} differ in shape")
+    n = noisy.float()
+    c = clean.detach().float()
+    if distance == "mse":
+        return F.mse_loss(n, c)
+    cos = F.cosine_similarity(n.flatten(1), c.flatten(1), dim=1, eps=1e-8)
+    return (1.0 - cos).mean()
+
+
+def consistency_loss(noisy_feats: Sequence[Tensor], clean_feats: Sequence[Tensor],
+                     distance: str = "mse") -> Tensor:
+    """Mean over layers of :func:`feature_distance` (the clean features are detached).
+
+    The mean (not the sum) keeps ``lambda``'s meaning when layers are added or removed.
+    """
+    noisy_feats, clean_feats = list(noisy_feats), list(clean_feats)
+    if not noisy_feats:
+        raise ValueError("consistency_loss needs at least one feature pair, got none")
+    if len(noisy_feats) != len(clean_feats):
+        raise ValueError(f"got {len(noisy_feats)} noisy features but {len(clean_feats)} clean ones")
+    terms = [feature_distance(n, c, distance) for n, c in zip(noisy_feats, clean_feats, strict=True)]
+    return torch.stack(terms).mean()
