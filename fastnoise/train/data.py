@@ -1,0 +1,284 @@
+"""Datasets of the recipes, and a data order that resumes exactly.
+
+Datasets (``data.dataset``):
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes, no
+  download), split once by a fixed permutation into 1347 training and 450 test images.
+- ``cifar10``: CIFAR-10's python-pickle folder (``data_batch_1`` .. ``data_batch_5``,
+  ``test_batch``, ``batches.meta``), augmented with a 4-pixel padded random crop and a flip.
+- ``imagefolder``: torchvision ``ImageFolder`` ``train/`` and ``val/`` folders (ImageNet
+  layout) with the usual ImageNet augmentation (random resized crop + flip; resize + centre
+  crop for validation).
+
+Data order: epoch ``e`` visits the training set in ``randperm(n)`` drawn from a generator seeded
+with ``(seed, e)``; step ``s`` takes the global batch ``perm[s*B:(s+1)*B]`` and rank ``r`` of
+``W`` its ``r``-th slice of ``B / W`` samples. Each sample's augmentation draws from torch's
+RNG seeded with ``(seed, e, index)``, so neither the number of workers, nor the number of ranks,
+nor an interruption changes what a step sees: a resumed run starts at the step it stopped at.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..rng import mix64
+from .recipes import ConfigError
+
+__all__ = ["DataBundle", "build_data", "EpochBatchSampler", "SeededSamples", "train_loader",
+           "eval_loader", "DigitsDataset", "CifarDataset", "CIFAR_FILES", "sample_seed"]
+
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGITS_SPLIT_SEED = 20240601  # fixed: the split never depends on the run's seed
+DIGITS_TRAIN = 1347
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    classes: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- datasets
+class DigitsDataset(Dataset):
+    """The scikit-learn digits as ``[1, 8, 8]`` float tensors in [-1, 1]."""
+
+    def __init__(self, train: bool):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(digits.target))
+        idx = perm[:DIGITS_TRAIN] if train else perm[DIGITS_TRAIN:]
+        images = torch.as_tensor(digits.images[idx], dtype=torch.float32)
+        self.images = (images / 8.0 - 1.0).unsqueeze(1)  # pixel values are 0..16
+        self.targets = torch.as_tensor(digits.target[idx], dtype=torch.int64)
+        self.classes = [str(c) for c in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.targets[i])
+
+
+def _read_pickle(path: str) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _get(d: dict, key: str):
+    """A CIFAR pickle's entry, whether its keys are bytes (the original files) or str."""
+    if key.encode() in d:
+        return d[key.encode()]
+    if key in d:
+        return d[key]
+    raise KeyError(key)
+
+
+class CifarDataset(Dataset):
+    """CIFAR-10 from its python-pickle folder; returns normalised ``[3, 32, 32]`` tensors."""
+
+    def __init__(self, root: str, train: bool, augment: bool):
+        files = CIFAR_FILES[:5] if train else ("test_batch",)
+        data, labels = [], []
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                d = _read_pickle(path)
+                data.append(np.asarray(_get(d, "data"), dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(int(v) for v in _get(d, "labels"))
+            except (KeyError, ValueError, pickle.UnpicklingError, EOFError) as e:
+                raise ConfigError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
+        self.images = torch.from_numpy(np.concatenate(data))  # uint8 [N, 3, 32, 32]
+        self.targets = torch.tensor(labels, dtype=torch.int64)
+        if len(self.targets) != len(self.images):
+            raise ConfigError(f"{root}: {len(self.images)} images but {len(self.targets)} labels")
+        self.augment = augment
+        self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        x = self.images[i].float() / 255.0
+        if self.augment:  # 4-pixel zero padding, random 32x32 crop, random flip (torch's RNG)
+            x = torch.nn.functional.pad(x, (4, 4, 4, 4))
+            dy, dx = torch.randint(0, 9, (2,)).tolist()
+            x = x[:, dy:dy + 32, dx:dx + 32]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return (x - self.mean) / self.std, int(self.targets[i])
+
+
+def _digits(cfg) -> DataBundle:
+    train, val = DigitsDataset(True), DigitsDataset(False)
+    return DataBundle(train, val, 10, train.classes)
+
+
+def _require_root(cfg) -> str:
+    root = cfg["data"]["root"]
+    if root is None:
+        raise ConfigError(f"data.root is not set: dataset {cfg['data']['dataset']!r} reads a local "
+                          "folder (pass --data DIR)")
+    root = os.path.expanduser(str(root))
+    if not os.path.isdir(root):
+        raise ConfigError(f"data folder {root!r} does not exist")
+    return root
+
+
+def _cifar(cfg) -> DataBundle:
+    root = _require_root(cfg)
+    missing = [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        raise ConfigError(f"{root!r} is not a CIFAR-10 python folder: missing {', '.join(missing)}")
+    meta = _read_pickle(os.path.join(root, "batches.meta"))
+    try:
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in _get(meta, "label_names")]
+    except KeyError as e:
+        raise ConfigError(f"{os.path.join(root, 'batches.meta')} has no label_names") from e
+    train = CifarDataset(root, True, bool(cfg["data"]["augment"]))
+    val = CifarDataset(root, False, False)
+    for name, ds in (("training", train), ("test", val)):
+        top = int(ds.targets.max()) if len(ds) else -1
+        if top >= len(classes):
+            raise ConfigError(f"{root!r}: a {name} label is {top} but batches.meta names "
+                              f"{len(classes)} classes")
+    return DataBundle(train, val, len(classes), classes)
+
+
+def _imagefolder(cfg) -> DataBundle:
+    from torchvision import datasets, transforms
+
+    root = _require_root(cfg)
+    d = cfg["data"]
+    size = int(d["image_size"] or 224)
+    resize = int(d["val_resize"] or round(size * 256 / 224))
+    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if d["augment"]:
+        train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                       transforms.ToTensor(), norm])
+    else:
+        train_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size),
+                                       transforms.ToTensor(), norm])
+    val_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size),
+                                 transforms.ToTensor(), norm])
+    parts = {}
+    for split, tf in (("train", train_tf), ("val", val_tf)):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise ConfigError(f"{root!r} is not an ImageFolder dataset: no {split}/ folder")
+        try:
+            parts[split] = datasets.ImageFolder(path, transform=tf)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise ConfigError(f"{path!r}: {e}") from e
+    train, val = parts["train"], parts["val"]
+    if train.classes != val.classes:
+        raise ConfigError(f"{root!r}: train/ has {len(train.classes)} classes but val/ has "
+                          f"{len(val.classes)} (or they are named differently)")
+    return DataBundle(train, val, len(train.classes), list(train.classes))
+
+
+_BUILDERS = {"digits": _digits, "cifar10": _cifar, "imagefolder": _imagefolder}
+
+
+def build_data(cfg) -> DataBundle:
+    """Both splits of ``cfg['data']['dataset']``; user errors raise :class:`ConfigError`."""
+    name = cfg["data"]["dataset"]
+    if name not in _BUILDERS:
+        raise ConfigError(f"data.dataset must be one of {sorted(_BUILDERS)}, got {name!r}")
+    return _BUILDERS[name](cfg)
+
+
+# ----------------------------------------------------------------------------- data order
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return mix64(seed, epoch, index) & 0x7FFFFFFFFFFFFFFF
+
+
+class SeededSamples(Dataset):
+    """Takes ``(index, seed)`` and returns ``base[index]`` drawn with torch's RNG seeded by ``seed``.
+
+    The caller's RNG state is restored, so augmentation never disturbs (or depends on) the
+    process's stream.
+    """
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            return self.base[index]
+        finally:
+            torch.set_rng_state(state)
+
+
+class EpochBatchSampler:
+    """This rank's share of each global batch of one epoch, from a given step on.
+
+    ``set_epoch(e, start_step)`` picks the epoch's permutation and the first step to yield.
+    Each batch is a list of ``(index, sample seed)`` for :class:`SeededSamples`.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        if global_batch % world_size:
+            raise ConfigError(f"data.batch_size={global_batch} must be divisible by the number of "
+                              f"processes ({world_size})")
+        if n < global_batch:
+            raise ConfigError(f"data.batch_size={global_batch} is larger than the training set ({n} samples)")
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.local_batch = global_batch // world_size
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch  # the last partial batch is dropped
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        assert 0 <= start_step <= self.steps_per_epoch
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix64(self.seed, self.epoch) & 0x7FFFFFFFFFFFFFFF)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        b, lb = self.global_batch, self.local_batch
+        for step in range(self.start_step, self.steps_per_epoch):
+            batch = order[step * b:(step + 1) * b][self.rank * lb:(self.rank + 1) * lb]
+            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in batch]
+
+
+def train_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
+    """In order, no augmentation; rank ``r`` takes samples ``r, r + W, ...`` (nothing padded)."""
+    indices = list(range(rank, len(dataset), world_size))
+    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                      num_workers=workers, pin_memory=pin_memory)

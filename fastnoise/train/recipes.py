@@ -1,0 +1,291 @@
+"""Run configurations: defaults, YAML recipes shipped in the package, command-line overrides.
+
+A configuration is a nested dict. :data:`DEFAULTS` lists every key a run understands; a recipe
+(``fastnoise/train/recipes/NAME.yaml``, or any YAML file) sets some of them, and overrides
+``key=value`` with dotted keys (``optim.lr=0.1``, ``noise.exclude=[fc]``) set more, each value
+typed by YAML parsing. A key that :data:`DEFAULTS` does not list is an error naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from importlib import resources
+
+import yaml
+
+__all__ = ["ConfigError", "DEFAULTS", "METHODS", "list_recipes", "load_recipe", "apply_overrides",
+           "validate", "resolve", "dump_config", "load_config_file"]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` as a string; read it as a float, as YAML 1.2 and Python do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """A user error in a configuration, its data or its files (the CLI prints it and exits 2)."""
+
+
+METHODS = ("clean", "noise", "kd", "consistency")
+
+DEFAULTS: dict = {
+    "name": "run",
+    "seed": 0,
+    "data": {
+        "dataset": "digits",     # digits | cifar10 | imagefolder
+        "root": None,            # local folder (cifar10, imagefolder)
+        "num_classes": None,     # None: take the data's; else it must agree with the data
+        "image_size": None,      # imagefolder: training crop and validation crop (224)
+        "val_resize": None,      # imagefolder: shorter side before the centre crop (size*256/224)
+        "augment": True,
+        "batch_size": 128,       # the global batch, split across processes
+        "eval_batch_size": 256,  # per process
+        "workers": 0,
+    },
+    "model": {
+        "arch": "digits_cnn",
+        "init": None,            # None (fresh), "teacher" (the teacher's weights) or a file path
+        "channels_last": "auto",  # auto: on CUDA for convnets
+    },
+    "teacher": {
+        "arch": None,            # None: model.arch
+        "weights": None,         # a state_dict file (torchvision layout for resnet50)
+        "epochs": 0,             # weights None and epochs > 0: train a clean teacher first
+        "lr": None,              # the teacher run's optim.lr (None: optim.lr)
+    },
+    "method": {
+        "name": "kd",            # clean | noise | kd | consistency
+        "temperature": 6.0,      # kd
+        "alpha": 0.9,            # kd: weight of the distillation term (losses.DEFAULT_ALPHA)
+        "lambda": 1.0,           # consistency: weight of the feature distance
+        "layers": [],            # consistency: module names whose outputs are compared
+        "distance": "mse",       # consistency: mse | cosine
+        "label_smoothing": 0.0,
+    },
+    "noise": {
+        "eta": 0.06,
+        "scale": "range",
+        "noise_bias": False,
+        "exclude": [],           # module-name globs left clean (fastnoise.convert's exclude)
+    },
+    "optim": {
+        "name": "sgd",           # sgd | adamw
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 5e-4,
+        "betas": [0.9, 0.999],
+    },
+    "schedule": {
+        "epochs": 10,
+        "warmup_epochs": 0.0,    # linear warmup from 0, counted in (fractional) epochs
+        "min_lr": 0.0,           # cosine decays to this
+    },
+    "amp": "auto",               # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    "eval": {
+        "epoch_draws": 1,        # noisy validation each epoch at the training eta, this many chips
+        "etas": [0.0, 0.02, 0.04, 0.06, 0.08, 0.1],  # robustness table after training
+        "draws": 20,
+    },
+    "log": {"every": 10, "progress": True},
+    "checkpoint": {"every_steps": 0, "best": True},
+}
+
+
+# ----------------------------------------------------------------------------- loading
+def _recipe_dir():
+    return resources.files("fastnoise.train").joinpath("recipes")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = parse_yaml(f.read())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a configuration must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, update: dict, where: str = "") -> None:
+    for key, value in update.items():
+        name = f"{where}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown configuration key {name!r}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name!r} is a section; give its keys ({name}.KEY=...), got {value!r}")
+            _merge(base[key], value, name + ".")
+        else:
+            base[key] = value
+
+
+def load_recipe(name_or_path: str) -> dict:
+    """:data:`DEFAULTS` updated by a shipped recipe (by name) or a YAML file (by path)."""
+    if os.path.isfile(name_or_path):
+        data = load_config_file(name_or_path)
+    else:
+        entry = _recipe_dir().joinpath(f"{name_or_path}.yaml")
+        if not entry.is_file():
+            raise ConfigError(f"unknown recipe {name_or_path!r}; shipped recipes: "
+                              f"{', '.join(list_recipes())} (or give a YAML file path)")
+        data = parse_yaml(entry.read_text())
+    cfg = copy.deepcopy(DEFAULTS)
+    _merge(cfg, data)
+    return cfg
+
+
+def apply_overrides(cfg: dict, overrides) -> dict:
+    """``cfg`` with each ``"a.b=value"`` applied (value parsed as YAML); returns a new dict."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node, path = cfg, ""
+        for p in parts[:-1]:
+            path = f"{path}{p}"
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"unknown configuration key {key.strip()!r} ({path!r} is not a section)")
+            node = node[p]
+            path += "."
+        last = parts[-1]
+        if last not in node:
+            raise ConfigError(f"unknown configuration key {key.strip()!r}")
+        if isinstance(node[last], dict):
+            raise ConfigError(f"{key.strip()!r} is a section; set one of its keys")
+        try:
+            node[last] = parse_yaml(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+def _num(cfg, key, lo=None, hi=None, integer=False, allow_none=False, lo_open=False):
+    node = cfg
+    for p in key.split("."):
+        node = node[p]
+    v = node
+    if v is None and allow_none:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kinds) or (isinstance(v, float) and not math.isfinite(v)):
+        kind = "an int" if integer else "a finite number"
+        raise ConfigError(f"{key} must be {kind}, got {v!r}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ConfigError(f"{key} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+    if hi is not None and v > hi:
+        raise ConfigError(f"{key} must be <= {hi}, got {v!r}")
+
+
+def _choice(cfg, key, options):
+    node = cfg
+    for p in key.split("."):
+        node = node[p]
+    if node not in options:
+        raise ConfigError(f"{key} must be one of {list(options)}, got {node!r}")
+
+
+def validate(cfg: dict) -> dict:
+    """Check types and ranges; raises :class:`ConfigError` naming the key. Returns ``cfg``."""
+    from ..spec import SCALES
+    from .data import _BUILDERS
+    from .losses import DISTANCES
+    from .models import ARCHS
+
+    _num(cfg, "seed", 0, integer=True)
+    _choice(cfg, "data.dataset", sorted(_BUILDERS))
+    _num(cfg, "data.num_classes", 2, integer=True, allow_none=True)
+    _num(cfg, "data.image_size", 8, integer=True, allow_none=True)
+    _num(cfg, "data.val_resize", 8, integer=True, allow_none=True)
+    _num(cfg, "data.batch_size", 1, integer=True)
+    _num(cfg, "data.eval_batch_size", 1, integer=True)
+    _num(cfg, "data.workers", 0, integer=True)
+    _choice(cfg, "model.arch", sorted(ARCHS))
+    if cfg["teacher"]["arch"] is not None:
+        _choice(cfg, "teacher.arch", sorted(ARCHS))
+    _choice(cfg, "model.channels_last", ["auto", True, False])
+    _num(cfg, "teacher.epochs", 0, integer=True)
+    _num(cfg, "teacher.lr", 0, allow_none=True, lo_open=True)
+    _choice(cfg, "method.name", METHODS)
+    _num(cfg, "method.temperature", 0, lo_open=True)
+    _num(cfg, "method.alpha", 0, 1)
+    _num(cfg, "method.lambda", 0)
+    _num(cfg, "method.label_smoothing", 0, 1)
+    _choice(cfg, "method.distance", DISTANCES)
+    layers = cfg["method"]["layers"]
+    if not isinstance(layers, list) or not all(isinstance(s, str) for s in layers):
+        raise ConfigError(f"method.layers must be a list of module names, got {layers!r}")
+    if cfg["method"]["name"] == "consistency" and not layers:
+        raise ConfigError("method.layers is empty: consistency needs the module names whose outputs "
+                          "it compares (e.g. method.layers=[layer1,layer2])")
+    _num(cfg, "noise.eta", 0)
+    _choice(cfg, "noise.scale", SCALES)
+    _choice(cfg, "noise.noise_bias", [True, False])
+    exclude = cfg["noise"]["exclude"]
+    if not isinstance(exclude, list) or not all(isinstance(s, str) for s in exclude):
+        raise ConfigError(f"noise.exclude must be a list of module-name globs, got {exclude!r}")
+    _choice(cfg, "optim.name", ["sgd", "adamw"])
+    _num(cfg, "optim.lr", 0, lo_open=True)
+    _num(cfg, "optim.momentum", 0, 1)
+    _choice(cfg, "optim.nesterov", [True, False])
+    _num(cfg, "optim.weight_decay", 0)
+    betas = cfg["optim"]["betas"]
+    if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) for b in betas)):
+        raise ConfigError(f"optim.betas must be a list of two numbers, got {betas!r}")
+    _num(cfg, "schedule.epochs", 1, integer=True)
+    _num(cfg, "schedule.warmup_epochs", 0)
+    _num(cfg, "schedule.min_lr", 0)
+    _choice(cfg, "amp", ["auto", "bf16", "fp16", "off"])
+    _num(cfg, "eval.epoch_draws", 0, integer=True)
+    _num(cfg, "eval.draws", 1, integer=True)
+    etas = cfg["eval"]["etas"]
+    if not isinstance(etas, list) or not all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0
+            for e in etas):
+        raise ConfigError(f"eval.etas must be a list of numbers >= 0, got {etas!r}")
+    _num(cfg, "log.every", 1, integer=True)
+    _choice(cfg, "log.progress", [True, False])
+    _num(cfg, "checkpoint.every_steps", 0, integer=True)
+    _choice(cfg, "checkpoint.best", [True, False])
+    init = cfg["model"]["init"]
+    if init is not None and not isinstance(init, str):
+        raise ConfigError(f"model.init must be null, 'teacher' or a file path, got {init!r}")
+    return cfg
+
+
+def resolve(recipe: str, overrides=(), data_root=None) -> dict:
+    """Recipe + overrides (+ ``--data``), validated."""
+    cfg = load_recipe(recipe)
+    if data_root is not None:
+        cfg["data"]["root"] = str(data_root)
+    cfg = apply_overrides(cfg, overrides)
+    return validate(cfg)
+
+
+def dump_config(cfg: dict, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
