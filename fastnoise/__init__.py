@@ -4,6 +4,7 @@ from . import functional
 from .context import noise
 from .modules import Conv2d, Linear, convert, load_noise_state_dict, noise_state_dict, noisy_layers, restore
 from .rng import initial_seed, manual_seed
+from .robustness import RobustnessResult, evaluate_robustness
 from .spec import NoiseSpec
 
 __version__ = "0.1.0"
@@ -21,4 +22,6 @@ __all__ = [
     "load_noise_state_dict",
     "noisy_layers",
     "functional",
+    "evaluate_robustness",
+    "RobustnessResult",
 ]

@@ -1,0 +1,270 @@
+"""Accuracy under weight noise, over many simulated chips.
+
+:func:`evaluate_robustness` measures top-1 accuracy at each noise level ``eta``: ``draws`` times
+with noise (draw ``k`` is one fixed noisy copy of the weights, a simulated chip, see
+:func:`fastnoise.noise`), once without noise for ``eta == 0``. Draw ``k`` uses the same ``z``
+at every eta (only sigma changes), so the curve is smooth in eta, and it depends on
+:func:`fastnoise.initial_seed` and the layers' ids, not on how far training went.
+
+The result prints as a table (eta | mean | std | min | max, accuracies in percent, std over
+draws with Bessel's correction), writes a CSV and a PNG plot; :func:`plot_results` /
+:func:`results_table` put several named results side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .context import noise
+from .modules import noisy_layers
+from .spec import NoiseSpec
+
+__all__ = ["RobustnessResult", "evaluate_robustness", "results_table", "results_to_csv", "plot_results"]
+
+
+@dataclass
+class RobustnessResult:
+    """Top-1 accuracies (percent) per eta: ``accuracies[i]`` holds one value per draw of ``etas[i]``."""
+
+    etas: list
+    accuracies: list
+    name: str = "model"
+    scale: Optional[str] = None
+    samples: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        assert len(self.etas) == len(self.accuracies)
+
+    # statistics --------------------------------------------------------------
+    @property
+    def mean(self) -> list:
+        return [sum(a) / len(a) for a in self.accuracies]
+
+    @property
+    def std(self) -> list:
+        """Sample standard deviation over draws (0 for a single value)."""
+        out = []
+        for a, m in zip(self.accuracies, self.mean, strict=True):
+            out.append(math.sqrt(sum((v - m) ** 2 for v in a) / (len(a) - 1)) if len(a) > 1 else 0.0)
+        return out
+
+    @property
+    def min(self) -> list:
+        return [min(a) for a in self.accuracies]
+
+    @property
+    def max(self) -> list:
+        return [max(a) for a in self.accuracies]
+
+    def rows(self) -> list[dict]:
+        return [{"eta": e, "draws": len(a), "mean": m, "std": s, "min": lo, "max": hi}
+                for e, a, m, s, lo, hi in zip(self.etas, self.accuracies, self.mean, self.std,
+                                              self.min, self.max, strict=True)]
+
+    # output ------------------------------------------------------------------
+    def table(self) -> str:
+        """A Markdown table: eta | draws | mean | std | min | max (top-1 %)."""
+        scale = f", scale={self.scale}" if self.scale else ""
+        lines = [f"{self.name}: top-1 accuracy (%) under weight noise{scale}, {self.samples} samples",
+                 "| eta | draws | mean | std | min | max |", "|---|---|---|---|---|---|"]
+        for r in self.rows():
+            lines.append(f"| {r['eta']:g} | {r['draws']} | {r['mean']:.2f} | {r['std']:.2f} | "
+                         f"{r['min']:.2f} | {r['max']:.2f} |")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def print(self) -> None:
+        print(self.table())
+
+    def to_csv(self, path: str) -> None:
+        """One row per eta: ``eta, draws, mean, std, min, max, acc_0, acc_1, ...``."""
+        width = max(len(a) for a in self.accuracies) if self.accuracies else 0
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["eta", "draws", "mean", "std", "min", "max"] + [f"acc_{k}" for k in range(width)])
+            for r, a in zip(self.rows(), self.accuracies, strict=True):
+                w.writerow([r["eta"], r["draws"], r["mean"], r["std"], r["min"], r["max"]] + list(a)
+                           + [""] * (width - len(a)))
+
+    def plot(self, path: str, title: Optional[str] = None) -> None:
+        """PNG: mean top-1 against eta with a +-1 std band."""
+        plot_results({self.name: self}, path, title=title)
+
+
+def _as_named(results) -> dict:
+    if isinstance(results, RobustnessResult):
+        return {results.name: results}
+    if isinstance(results, Mapping):
+        return dict(results)
+    return {r.name: r for r in results}
+
+
+def results_table(results, digits: int = 1) -> str:
+    """A Markdown table with one ``mean +- std`` column per named result (they share the etas)."""
+    named = _as_named(results)
+    etas = next(iter(named.values())).etas
+    for name, r in named.items():
+        if list(r.etas) != list(etas):
+            raise ValueError(f"result {name!r} has etas {r.etas}, the first has {etas}")
+    header = "| eta | " + " | ".join(named) + " |"
+    lines = [header, "|---|" + "---|" * len(named)]
+    for i, e in enumerate(etas):
+        cells = [f"{r.mean[i]:.{digits}f} ± {r.std[i]:.{digits}f}" for r in named.values()]
+        lines.append(f"| {e:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def results_to_csv(results, path: str) -> None:
+    """Long format: ``name, eta, draws, mean, std, min, max``."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "eta", "draws", "mean", "std", "min", "max"])
+        for name, r in _as_named(results).items():
+            for row in r.rows():
+                w.writerow([name, row["eta"], row["draws"], row["mean"], row["std"], row["min"], row["max"]])
+
+
+def plot_results(results, path: str, title: Optional[str] = None) -> None:
+    """One curve (mean, +-1 std band) per named result on one figure, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    named = _as_named(results)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, r in named.items():
+        mean = torch.tensor(r.mean)
+        std = torch.tensor(r.std)
+        ax.plot(r.etas, mean.tolist(), marker="o", label=name)
+        ax.fill_between(r.etas, (mean - std).tolist(), (mean + std).tolist(), alpha=0.2)
+    scale = next(iter(named.values())).scale
+    ax.set_xlabel(f"eta (noise scale: {scale})" if scale else "eta")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "accuracy under weight noise (mean ± std over draws)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _check_etas(etas) -> list:
+    etas = list(etas)
+    if not etas:
+        raise ValueError("etas is empty")
+    for e in etas:
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
+            raise ValueError(f"each eta must be a finite number >= 0, got {e!r}")
+    return [float(e) for e in etas]
+
+
+def _top1(model: nn.Module, loader: Iterable, device, autocast_dtype, channels_last) -> tuple[int, int]:
+    correct = total = 0
+    for batch in loader:
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise TypeError("the loader must yield (inputs, targets) pairs")
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+               else contextlib.nullcontext())
+        with amp:
+            out = model(x)
+        correct += int((out.argmax(-1) == y).sum())
+        total += int(y.numel())
+    return correct, total
+
+
+def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float], draws: int,
+                        spec: Optional[NoiseSpec] = None, *, device=None, progress: bool = True,
+                        name: str = "model", autocast_dtype: Optional[torch.dtype] = None,
+                        channels_last: bool = False, distributed: bool = False) -> RobustnessResult:
+    """Top-1 accuracy (percent) of ``model`` on ``loader`` under weight noise.
+
+    For each ``eta``: one clean pass if ``eta == 0``, else ``draws`` passes, pass ``k`` inside
+    ``fastnoise.noise(eta=eta, scale=spec.scale, draw=k)`` (one fixed noisy copy of the weights
+    for the whole pass). The model runs in eval mode under ``torch.inference_mode`` and gets its
+    previous mode back.
+
+    Args:
+        model: a model with fastnoise layers (:func:`fastnoise.convert`).
+        loader: yields ``(inputs, targets)``; iterated once per pass.
+        etas: noise levels (finite, >= 0).
+        draws: simulated chips per nonzero eta (>= 1).
+        spec: its ``scale`` and ``noise_bias`` replace the layers' (its ``eta`` is not used);
+            None keeps each layer's own.
+        device: where inputs go (default: the model's parameters' device).
+        progress: a tqdm bar over the passes.
+        name: the result's name (column / legend).
+        autocast_dtype: run the forward under ``torch.autocast`` with this dtype (e.g. bf16).
+        channels_last: pass 4-D inputs in channels_last memory format.
+        distributed: sum the counts over the process group (each rank holds a shard).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    etas = _check_etas(etas)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an int >= 1, got {draws!r}")
+    if spec is not None and not isinstance(spec, NoiseSpec):
+        raise TypeError(f"spec must be a fastnoise.NoiseSpec or None, got {type(spec).__name__}")
+    if any(e > 0 for e in etas) and not noisy_layers(model):
+        raise ValueError("the model has no fastnoise layers, so noise cannot be applied: "
+                         "convert it first with fastnoise.convert(model, spec)")
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    overrides = {} if spec is None else {"scale": spec.scale, "noise_bias": spec.noise_bias}
+    passes = [(i, e, k) for i, e in enumerate(etas) for k in (range(1) if e == 0 else range(draws))]
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(passes), desc=f"robustness {name}", leave=False, dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    results: list = [[] for _ in etas]
+    samples = 0
+    try:
+        with torch.inference_mode():
+            for i, e, k in passes:
+                ctx = noise(enabled=False) if e == 0 else noise(eta=e, draw=k, **overrides)
+                with ctx:
+                    correct, total = _top1(model, loader, device, autocast_dtype, channels_last)
+                if distributed:
+                    from torch import distributed as dist
+
+                    t = torch.tensor([correct, total], dtype=torch.float64, device=device)
+                    dist.all_reduce(t)
+                    correct, total = int(t[0]), int(t[1])
+                if total == 0:
+                    raise ValueError("the loader yielded no samples")
+                samples = total
+                results[i].append(100.0 * correct / total)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return RobustnessResult(etas, results, name=name,
+                            scale=spec.scale if spec is not None else _layer_scale(model), samples=samples)
+
+
+def _layer_scale(model: nn.Module) -> Optional[str]:
+    scales = {m.spec.scale for _, m in noisy_layers(model)}
+    return scales.pop() if len(scales) == 1 else None
