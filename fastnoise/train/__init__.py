@@ -1,0 +1,35 @@
+"""The training layer: losses, tasks, models, data, recipes, trainer, checkpoints, DDP.
+
+Imported lazily (``fastnoise.train.kd_loss`` loads :mod:`fastnoise.train.losses` on first use),
+so ``import fastnoise`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "kd_loss": "losses",
+    "consistency_loss": "losses",
+    "ClassificationTask": "tasks",
+    "DistillationTask": "tasks",
+    "ConsistencyTask": "tasks",
+    "FrozenTeacher": "tasks",
+    "build_model": "models",
+    "Trainer": "trainer",
+    "TrainResult": "trainer",
+    "train": "trainer",
+    "ConfigError": "recipes",
+    "load_recipe": "recipes",
+    "list_recipes": "recipes",
+    "resolve": "recipes",
+    "run_demo": "demo",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

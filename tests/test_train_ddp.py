@@ -1,0 +1,64 @@
+"""Data parallel: 2 gloo processes (torchrun) train the same weights as 1 process with the same
+global batch, and every rank draws the same noise."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OVERRIDES = ["model.arch=digits_mlp", "model.init=null", "method.name=noise", "noise.eta=0.1",
+             "data.batch_size=64", "schedule.epochs=1", "optim.name=sgd", "optim.lr=0.05",
+             "eval.etas=[0.0, 0.05]", "eval.draws=2", "eval.epoch_draws=1", "log.every=5"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU, also on a GPU machine
+    return env
+
+
+def _run(cmd, cwd):
+    r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    worker = os.path.join(HERE, "_ddp_worker.py")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run([sys.executable, worker, one, *OVERRIDES], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), worker, two, *OVERRIDES],
+         tmp_path)
+    solo = json.load(open(os.path.join(one, "rank0.json")))
+    r0 = json.load(open(os.path.join(two, "rank0.json")))
+    r1 = json.load(open(os.path.join(two, "rank1.json")))
+    assert solo["world_size"] == 1 and r0["world_size"] == r1["world_size"] == 2
+
+    # the same noise on every rank, and the same as in one process
+    assert r0["noise_seed"] == r1["noise_seed"] == solo["noise_seed"]
+    assert r0["noise"] == r1["noise"] == solo["noise"]
+    assert all(s["calls"] == 1347 // 64 for s in solo["noise"].values())  # evaluation draws do not count
+    assert r0["last_noise"] == r1["last_noise"]
+
+    # the same weights (to fp32 rounding: per-rank means averaged vs one mean)
+    for k, v in solo["weights"].items():
+        a, b, c = torch.tensor(v), torch.tensor(r0["weights"][k]), torch.tensor(r1["weights"][k])
+        assert torch.equal(b, c), f"ranks disagree on {k}"
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
+    # metrics: rank 0 only, validated over both shards
+    assert os.path.isfile(os.path.join(two, "metrics.csv")) and os.path.isfile(os.path.join(two, "model.pth"))
+    assert r0["metrics"][0]["val_top1"] == pytest.approx(solo["metrics"][0]["val_top1"], abs=0.5)
+    assert r0["metrics"][0]["train_loss"] == pytest.approx(solo["metrics"][0]["train_loss"], rel=1e-4)
