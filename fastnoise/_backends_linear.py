@@ -1,19 +1,116 @@
-"""Path choice for noisy linear."""
+"""Path choice for noisy linear, and the two GPU paths.
+
+- ``fused``: :mod:`fastnoise.kernels.noisy_matmul` adds ``sigma z`` to each weight tile inside
+  the matmul (forward) and inside ``dY @ Wn`` (input gradient). Draws ``cdiv(M, BM) * |W|``
+  normals; nothing of the weight's size is written.
+- ``generate``: :func:`fastnoise.kernels.noise_gen.noisy_weight` writes ``W + sigma z`` once in
+  the compute dtype, cuBLAS multiplies, the buffer is dropped right after (never saved).
+
+Both compute ``dW = dY^T X`` and ``db = sum dY`` plainly (straight-through), as the reference.
+float64 always takes the reference (the kernels handle float16, bfloat16 and float32).
+"""
 
 from __future__ import annotations
 
-from . import dispatch
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch, reference
 from ._backends import REFERENCE_LINEAR
+
+# ``auto`` on CUDA: the fused kernel while the rows of the product (M = batch * tokens for the
+# forward, the same M for the input gradient) fit in this many, cuBLAS on a generated buffer
+# above. Where it comes from: DESIGN.md's table (H100, bf16, N = K = 4096) has generate +
+# cuBLAS at 0.079 ms for M = 16, i.e. 0.66x naive, short of the issue's <= 0.5x target for
+# M <= 64, which only a kernel without the extra pass over W can reach; and in-matmul noise at
+# M = 2048 cost 0.80 ms against 0.155 ms for generate. No measurement between M = 16 and 2048
+# yet: 64 is the issue's small-M bound. bench/gpu_linear.py re-measures; update it from there.
+FUSED_MAX_M = 64
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _rows(t: torch.Tensor) -> int:
+    """Rows of the product: everything but the last dimension."""
+    return t.shape[:-1].numel() if t.dim() else 1
+
+
+# ----------------------------------------------------------------------------- generate path
+def _generate_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset):
+    from .kernels import noise_gen
+
+    wn = noise_gen.noisy_weight(weight, sigma, mode, seed, offset, x.dtype)
+    if bias is None:
+        b = None
+    elif noise_bias:
+        b = noise_gen.noisy_bias(bias, sigma, mode, seed, offset, x.dtype)
+    else:
+        b = bias.detach().to(x.dtype)
+    y = F.linear(x, wn, b)
+    del wn  # |W| in the compute dtype, freed before the next layer allocates its own
+    return y
+
+
+def _generate_backward(grad, x, weight, sigma, mode, seed, offset, need_x, need_w, need_b):
+    from .kernels import noise_gen
+
+    dx = None
+    if need_x:
+        wn = noise_gen.noisy_weight(weight, sigma, mode, seed, offset, grad.dtype)
+        dx = (grad.reshape(-1, weight.shape[0]) @ wn).reshape(x.shape)
+        del wn
+    _, dw, db = reference.linear_backward(grad, x, weight, sigma, mode, seed, offset,
+                                          False, need_w, need_b)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- fused path
+def _fused_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset):
+    from .kernels import noisy_matmul
+
+    return noisy_matmul.noisy_matmul_fwd(x, weight, bias, sigma, mode, noise_bias, seed, offset)
+
+
+def _fused_backward(grad, x, weight, sigma, mode, seed, offset, need_x, need_w, need_b):
+    from .kernels import noisy_matmul
+
+    dx = None
+    if need_x:
+        dx = noisy_matmul.noisy_matmul_dx(grad, weight, sigma, mode, seed, offset).reshape(x.shape)
+    _, dw, db = reference.linear_backward(grad, x, weight, sigma, mode, seed, offset,
+                                          False, need_w, need_b)
+    return dx, dw, db
+
+
+GENERATE_LINEAR = SimpleNamespace(name="generate", forward=_generate_forward,
+                                  backward=_generate_backward)
+FUSED_LINEAR = SimpleNamespace(name="fused", forward=_fused_forward, backward=_fused_backward)
+_BY_NAME = {"generate": GENERATE_LINEAR, "fused": FUSED_LINEAR}
+
+
+def auto_path(x: torch.Tensor) -> str:
+    """What ``auto`` runs on a CUDA tensor ``x`` (the forward input, or ``dY`` in the backward)."""
+    return "fused" if _rows(x) <= FUSED_MAX_M else "generate"
 
 
 def choose(path, x, weight, backward=False):
+    """The implementation of ``path`` for input ``x`` (``dY`` when ``backward``).
+
+    ``auto``: the reference off CUDA, on CUDA ``fused`` for at most :data:`FUSED_MAX_M` rows
+    else ``generate``. An explicit GPU path that cannot run (no CUDA and no
+    ``TRITON_INTERPRET=1``, or float64) falls back to the reference with one warning.
+    """
     if path == "reference":
         return REFERENCE_LINEAR
+    if path == "auto" and x.device.type != "cuda":
+        return REFERENCE_LINEAR
     ok, why = dispatch.triton_usable(x)
+    if ok and x.dtype not in _KERNEL_DTYPES:
+        ok, why = False, f"the kernels take float16, bfloat16 or float32, got {x.dtype}"
     if not ok:
         if path != "auto":
             dispatch.fall_back("noisy_linear", path, why)
         return REFERENCE_LINEAR
-    if path != "auto":
-        dispatch.fall_back("noisy_linear", path, "no Triton kernel for this path yet")
-    return REFERENCE_LINEAR
+    return _BY_NAME[auto_path(x) if path == "auto" else path]

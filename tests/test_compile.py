@@ -1,0 +1,97 @@
+"""``torch.compile(fullgraph=True)`` on models with noisy layers matches eager.
+
+Same global seed and a freshly built model give the same per-layer seeds and call counters,
+so the compiled and the eager model draw the same noise: outputs and gradients must agree to
+float32 rounding (inductor may fuse the ReLUs and the loss differently). Several calls before
+one backward check that the call counter saved for backward is the one of that call.
+"""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fastnoise
+from fastnoise import NoiseSpec
+from fastnoise.functional import noisy_linear
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _mlp():
+    torch.manual_seed(0)
+    fastnoise.manual_seed(11)
+    return nn.Sequential(
+        fastnoise.Linear(12, 24), nn.ReLU(),
+        fastnoise.Linear(24, 16, spec=NoiseSpec(0.1, "absmax_per_channel", noise_bias=True)), nn.ReLU(),
+        fastnoise.Linear(16, 5, bias=False, spec=NoiseSpec(0.05, "proportional")),
+    ).to(DEVICE).train()
+
+
+def _convnet():
+    torch.manual_seed(0)
+    fastnoise.manual_seed(12)
+    return nn.Sequential(
+        fastnoise.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
+        fastnoise.Conv2d(6, 4, 3, stride=2, spec=NoiseSpec(0.1, "absmax", noise_bias=True)),
+        nn.Flatten(), fastnoise.Linear(4 * 3 * 3, 5),
+    ).to(DEVICE).train()
+
+
+def _run(model, x, fn=None, calls=3):
+    """``calls`` forwards of ``fn`` (default: ``model``; fresh noise each), then backward through
+    the last two; returns outputs and ``model``'s gradients."""
+    fn = fn or model
+    ys = [fn(x) for _ in range(calls)]
+    (ys[-2].square().sum() + ys[-1].sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return [y.detach() for y in ys], grads
+
+
+def _compare_eager_and_compiled(build, x):
+    eager = build()
+    eager_ys, eager_grads = _run(eager, x)
+    model = build()
+    compiled = torch.compile(model, fullgraph=True)
+    ys, grads = _run(model, x, compiled)
+    assert not torch.equal(eager_ys[0], eager_ys[1])  # the noise changes per call
+    for a, b in zip(ys, eager_ys, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    assert grads.keys() == eager_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], **TOL, msg=name)
+    # the compiled model advanced its call counters like the eager one
+    assert fastnoise.noise_state_dict(model) == fastnoise.noise_state_dict(eager)
+    assert all(s["calls"] == 3 for s in fastnoise.noise_state_dict(model).values())
+
+
+def test_compiled_mlp_matches_eager():
+    x = torch.randn(7, 12, device=DEVICE)
+    _compare_eager_and_compiled(_mlp, x)
+
+
+def test_compiled_convnet_matches_eager():
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    _compare_eager_and_compiled(_convnet, x)
+
+
+@pytest.mark.skipif(not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"), reason="no Triton device")
+@pytest.mark.parametrize("path", ["fused", "generate"])
+def test_compiled_kernel_paths_match_eager(path):
+    """The custom op running the Triton kernels inside a compiled function, forward and backward."""
+    x = torch.randn(2, 5, 40, device=DEVICE, requires_grad=True)
+    w = torch.randn(33, 40, device=DEVICE, requires_grad=True)
+    b = torch.randn(33, device=DEVICE, requires_grad=True)
+    offset = torch.tensor(4, device=DEVICE)
+    spec = NoiseSpec(0.1, "range", noise_bias=True)
+
+    def f(x, w, b, offset):
+        return noisy_linear(x, w, b, spec, 1234, offset, path=path).relu().sum()
+
+    want = torch.autograd.grad(f(x, w, b, offset), (x, w, b))
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, w, b, offset), (x, w, b))
+    for a, c in zip(got, want, strict=True):
+        torch.testing.assert_close(a, c, **TOL)
