@@ -40,6 +40,37 @@ FUSED_MIN_WEIGHT_NUMEL = 4096
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def grad_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The layout of a gradient w.r.t. ``t`` (input or weight): ``t``'s own."""
+    return torch.channels_last if _strides_like_channels_last(t) else torch.contiguous_format
+
+
+def _strides_like_channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-D tensor's strides order it N, H, W, C (C fastest), as torch decides it for
+    ``suggest_memory_format``: walk C, W, H, N with non-decreasing strides; an N111-like tensor
+    whose C and N strides coincide counts as NCHW."""
+    if t.dim() != 4 or t.stride(1) == 0:
+        return False
+    lowest = 0
+    for d in (1, 3, 2, 0):
+        size, stride = t.shape[d], t.stride(d)
+        if size == 0 or stride < lowest:
+            return False
+        if d == 0 and lowest == t.stride(1):
+            return False
+        lowest = stride * size if size > 1 else stride
+    return True
+
+
+def conv_output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The noisy conv's output layout: channels_last when the input's or the weight's strides
+    are channels_last-like (cuDNN's and oneDNN's rule), else contiguous. The op's fake and all
+    paths follow it, so ``torch.compile`` sees the strides it is told."""
+    if x.dtype != torch.float64 and (_strides_like_channels_last(x) or _strides_like_channels_last(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _generate_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding,
                       dilation, groups):
     from .kernels import noise_gen
@@ -77,8 +108,10 @@ def _fused_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, strid
                    dilation, groups):
     from .kernels import noisy_conv
 
+    y = torch.empty(conv_output_shape(x, weight, (stride, padding, dilation, groups)), dtype=x.dtype,
+                    device=x.device, memory_format=conv_output_memory_format(x, weight))
     return noisy_conv.noisy_conv2d_fwd(x, weight, bias, sigma, mode, noise_bias, seed, offset,
-                                       stride, padding, dilation, groups)
+                                       stride, padding, dilation, groups, out=y)
 
 
 GENERATE_CONV2D = SimpleNamespace(name="generate", forward=_generate_forward,
@@ -86,13 +119,19 @@ GENERATE_CONV2D = SimpleNamespace(name="generate", forward=_generate_forward,
 FUSED_CONV2D = SimpleNamespace(name="fused", forward=_fused_forward, backward=_generate_backward)
 
 
-def output_pixels(x, weight, geometry) -> int:
-    """``M = N * OH * OW`` of the conv's implicit GEMM."""
+def conv_output_shape(x, weight, geometry) -> tuple:
+    """``(N, Cout, OH, OW)``."""
     stride, padding, dilation, _ = geometry
     kh, kw = weight.shape[2], weight.shape[3]
     oh = (x.shape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (x.shape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.shape[0] * max(oh, 0) * max(ow, 0)
+    return x.shape[0], weight.shape[0], max(oh, 0), max(ow, 0)
+
+
+def output_pixels(x, weight, geometry) -> int:
+    """``M = N * OH * OW`` of the conv's implicit GEMM."""
+    n, _, oh, ow = conv_output_shape(x, weight, geometry)
+    return n * oh * ow
 
 
 def auto_path(x, weight, geometry) -> str:

@@ -187,14 +187,20 @@ def _conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], sigma: Tensor, m
              dilation: list[int], groups: int, path: str, backward_path: str) -> Tensor:
     geometry = (stride, padding, dilation, groups)
     impl = _conv_impl(path, x, weight, geometry)
-    return impl.forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, *geometry)
+    y = impl.forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, *geometry)
+    from ._backends_conv import conv_output_memory_format
+
+    return y.contiguous(memory_format=conv_output_memory_format(x, weight))  # the fake's layout
 
 
 @_conv_op.register_fake
 def _(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding, dilation, groups,
       path, backward_path):
+    from ._backends_conv import conv_output_memory_format
+
     oh, ow = _conv_out_hw(x.shape[-2], x.shape[-1], weight, stride, padding, dilation)
-    return x.new_empty(x.shape[0], weight.shape[0], oh, ow)
+    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=conv_output_memory_format(x, weight))
 
 
 @torch.library.custom_op("fastnoise::noisy_conv2d_backward", mutates_args=())
@@ -206,14 +212,25 @@ def _conv_bwd_op(grad: Tensor, x: Tensor, weight: Tensor, sigma: Tensor, mode: i
     impl = _conv_impl(path, grad, weight, geometry, backward=True)
     dx, dw, db = impl.backward(grad, x, weight, sigma, mode, seed, offset, *geometry,
                                need_x, need_w, need_b)
+    from ._backends_conv import grad_memory_format
+
+    # the fake's layouts: each gradient in its input's
+    dx = None if dx is None else dx.contiguous(memory_format=grad_memory_format(x))
+    dw = None if dw is None else dw.contiguous(memory_format=grad_memory_format(weight))
     return _empty_like_none(dx, x), _empty_like_none(dw, weight), _empty_like_none(db, sigma)
 
 
 @_conv_bwd_op.register_fake
 def _(grad, x, weight, sigma, mode, seed, offset, stride, padding, dilation, groups, path,
       need_x, need_w, need_b):
-    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
-            grad.new_empty((weight.shape[0],) if need_b else (0,)))
+    from ._backends_conv import grad_memory_format
+
+    def like(t, need):
+        if not need:
+            return t.new_empty((0,))
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=grad_memory_format(t))
+
+    return like(x, need_x), like(weight, need_w), grad.new_empty((weight.shape[0],) if need_b else (0,))
 
 
 def _conv_setup(ctx, inputs, output):

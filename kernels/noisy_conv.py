@@ -34,9 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fastnoise._backends_conv import conv_output_memory_format
+
 from .philox import noise_scale, normal_at, normal_tile
 
-__all__ = ["noisy_conv2d_fwd", "output_memory_format"]
+__all__ = ["noisy_conv2d_fwd"]
 
 
 def _interpret() -> bool:
@@ -224,17 +226,6 @@ _DW_BM = 64
 _DW_BC = 32
 
 
-def _channels_last_suggested(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
-    """The layout ``F.conv2d`` gives: channels_last when the input or the weight is in it."""
-    if _channels_last_suggested(x) or _channels_last_suggested(weight):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -256,8 +247,8 @@ def noisy_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias, sigma: torch.T
 
     Args as :func:`fastnoise.reference.conv2d_forward` (``x`` already in the compute dtype,
     ``padding`` explicit ints). ``split_k`` overrides the K-split heuristic (tests). The output
-    memory format follows :func:`output_memory_format`; ``out`` (any strides) receives it
-    instead when given.
+    layout is :func:`fastnoise._backends_conv.conv_output_memory_format`'s; ``out`` (any
+    strides) receives the result instead when given.
     """
     assert x.dim() == 4 and weight.dim() == 4, (x.shape, weight.shape)
     assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
@@ -269,7 +260,7 @@ def noisy_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias, sigma: torch.T
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     cout_g = cout // groups
     m = n * oh * ow
-    fmt = output_memory_format(x, weight)
+    fmt = conv_output_memory_format(x, weight)
     if out is None:
         y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
     else:

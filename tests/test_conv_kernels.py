@@ -255,12 +255,12 @@ def test_output_memory_format_follows_conv2d():
     x = torch.randn(2, 3, 6, 5)
     w = torch.randn(4, 3, 3, 3)
     cl = torch.channels_last
-    assert noisy_conv.output_memory_format(x, w) == torch.contiguous_format
-    assert noisy_conv.output_memory_format(x.to(memory_format=cl), w) == cl
-    assert noisy_conv.output_memory_format(x, w.to(memory_format=cl)) == cl
+    assert backends.conv_output_memory_format(x, w) == torch.contiguous_format
+    assert backends.conv_output_memory_format(x.to(memory_format=cl), w) == cl
+    assert backends.conv_output_memory_format(x, w.to(memory_format=cl)) == cl
     for xx, ww in [(x, w), (x.to(memory_format=cl), w), (x, w.to(memory_format=cl))]:
         want_cl = F.conv2d(xx, ww).is_contiguous(memory_format=cl)
-        assert (noisy_conv.output_memory_format(xx, ww) == cl) == want_cl
+        assert (backends.conv_output_memory_format(xx, ww) == cl) == want_cl
 
 
 # ----------------------------------------------------------------------------- ResNet-50 shapes
@@ -317,3 +317,31 @@ def test_resnet50_shapes_gpu(batch, dtype, path):
                     (shape.stride,) * 2, (shape.k // 2,) * 2, dtype=dtype, channels_last=True,
                     bias="noise", scale="absmax_per_channel")
         _run(case, path, batch=batch)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+LAYOUTS = {"nchw": (False, False), "cl-input": (True, False), "cl-weight": (False, True)}
+
+
+@pytest.mark.parametrize("layout,path", [("nchw", "reference"), ("cl-input", "reference"),
+                                         ("cl-weight", "reference"), ("cl-input", "fused")])
+def test_fake_kernels_give_the_real_layouts(layout, path):
+    """torch.compile trusts the ops' fake kernels for strides: forward and backward ops must
+    report the layouts the real ones produce (channels_last in, channels_last out)."""
+    cl_x, cl_w = LAYOUTS[layout]
+    x = torch.randn(2, 4, 7, 6, device=DEVICE)
+    w = torch.randn(6, 4, 3, 3, device=DEVICE)
+    x = x.to(memory_format=torch.channels_last) if cl_x else x
+    w = w.to(memory_format=torch.channels_last) if cl_w else w
+    sigma, off = torch.full((1,), 0.1, device=DEVICE), torch.tensor(3, device=DEVICE)
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    fwd = (x, w, None, sigma, 0, False, SEED, off, *geo, path, "generate")
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastnoise.noisy_conv2d.default, fwd, test_utils=checks)
+    y = torch.ops.fastnoise.noisy_conv2d(*fwd)
+    grad = torch.randn_like(y)
+    bwd = (grad, x, w, sigma, 0, SEED, off, *geo, "generate", True, True, True)
+    torch.library.opcheck(torch.ops.fastnoise.noisy_conv2d_backward.default, bwd, test_utils=checks)
+    dx, dw, _ = torch.ops.fastnoise.noisy_conv2d_backward(*bwd)
+    assert dx.stride() == x.stride() and dw.stride() == w.stride()
+    assert y.is_contiguous(memory_format=torch.channels_last) == (cl_x or cl_w)
