@@ -109,7 +109,7 @@ def correctness(quick: bool, device: str) -> tuple[list, list]:
         for lead, k, n in shapes:
             for path in ("fused", "generate"):
                 cases.append((lead, k, n, dtype, path, None))
-    if quick:  # one odd shape spanning two tiles of every dimension of the interpreter's config
+    if quick:  # leading dims, odd sizes
         cases.append(((3, 41), 150, 131, BF16, "fused", None))
     lead, k, n = shapes[0] if quick else ((16,), 4096, 4096)
     cases += [(lead, k, n, BF16, "auto", None), (lead, k, n, BF16, "fused", "generate"),

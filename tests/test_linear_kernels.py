@@ -83,7 +83,8 @@ def check_against_reference(x, w, b, spec, path, backward_path=None, autocast=No
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("path", ["fused", "generate"])
 def test_paths_match_reference(path, dtype, scale):
-    """[2, 35, 150] -> 131 with a noisy bias: two tiles along M, N and K for the interpreter."""
+    """[2, 35, 150] -> 131 with a noisy bias (partial tiles; two along M in the interpreter's
+    config; several along N and K in the odd-shape and launcher tests)."""
     x, w, b = _inputs((2, 35), 150, 131, dtype)
     check_against_reference(x, w, b, NoiseSpec(0.1, scale, noise_bias=True), path)
 
