@@ -12,14 +12,17 @@ image). ``z[co, k]`` is the contract's noise (:mod:`fastnoise.rng`) of row ``co`
 column ``k = ci * KH * KW + r * KW + s`` of the weight's GEMM view ``[Cout, K]``; the noisy
 weight is rounded once to the compute dtype (that of ``x``), as the reference does.
 
-The K loop runs over ``(r, s, ci-block)``, so input channels are contiguous in an NHWC input,
-but canonical columns of one tile are ``KH * KW`` apart: the noise is drawn per element with
-``normal_at`` (one Philox call per element, 4x the RNG of ``normal_tile``). 1x1 kernels, where
-``k = ci`` is contiguous, use ``normal_tile``. Every M-tile redraws the noise of the weight tiles
-it reads, ``ceil(M / BM) * |W|`` normals in all, so this path is for small outputs (batch 1-8,
-late ResNet stages); large outputs generate ``W + sigma z`` once and call cuDNN
-(:mod:`fastnoise.kernels.noise_gen`). When the output has too few tiles to fill the GPU, the K
-loop is split over ``SPLIT_K`` programs that add float32 partial sums atomically.
+The K loop runs over canonical columns, ``BK`` at a time, so a weight tile's noise is one
+``normal_tile`` (one Philox call per 4 weights); each column is decomposed into ``(ci, r, s)``
+to gather the input tile element by element. An ``(r, s, ci-block)`` order would read NHWC
+inputs in contiguous channel runs, but its canonical columns are ``KH * KW`` apart, so its noise
+would need ``normal_at`` per element: 4x the RNG, and RNG, not memory, is what this path pays
+for. Every M-tile redraws the noise of the weight tiles it reads, ``ceil(M / BM) * |W|`` normals
+in all, so this path is for small outputs (batch 1-8, late ResNet stages), where the input is
+small and L2-resident and the per-element gather is cheap; large outputs generate
+``W + sigma z`` once and call cuDNN (:mod:`fastnoise.kernels.noise_gen`). When the output has
+too few tiles to fill the GPU, the K loop is split over ``SPLIT_K`` programs that add float32
+partial sums atomically.
 
 Depthwise-like convs (one input channel per group) take a separate direct kernel: a
 ``[BM, BC]`` tile of output pixels x channels, ``KH * KW`` multiply-adds per element.
@@ -93,7 +96,7 @@ def _noisy_conv_fwd_kernel(
     NOISE_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """One [BM, BN] tile of y for group program_id(1), K steps program_id(2)::SPLIT_K."""
+    """One [BM, BN] tile of y for group program_id(1), K tiles program_id(2)::SPLIT_K."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -110,6 +113,7 @@ def _noisy_conv_fwd_kernel(
     ih0 = oh * stride_h - pad_h  # [BM]
     iw0 = ow * stride_w - pad_w
     x_row = n * sxn + (g * CIN_G).to(tl.int64) * sxc  # [BM] int64
+    K = CIN_G * KH * KW
 
     co_local = pid_n * BN + tl.arange(0, BN)  # [BN]
     nmask = co_local < COUT_G
@@ -119,29 +123,25 @@ def _noisy_conv_fwd_kernel(
     offset = tl.load(offset_ptr)
     compute_ty = x_ptr.dtype.element_ty
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    n_cblk = tl.cdiv(CIN_G, BK)
-    for step in range(pid_k, KH * KW * n_cblk, SPLIT_K):
-        tap = step // n_cblk
+    for k0 in range(pid_k * BK, K, SPLIT_K * BK):
+        k = k0 + tl.arange(0, BK)  # [BK] canonical columns k = ci * KH * KW + r * KW + s
+        kmask = k < K
+        ci = k // (KH * KW)
+        tap = k % (KH * KW)
         r = tap // KW
         s = tap % KW
-        ci = (step % n_cblk) * BK + tl.arange(0, BK)  # [BK] input channel within the group
-        cmask = ci < CIN_G
-        ih = ih0 + r * dil_h
-        iw = iw0 + s * dil_w
-        inside = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # [BM]
-        x_off = x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw  # [BM]
-        xt = tl.load(x_ptr + x_off[:, None] + ci.to(tl.int64)[None, :] * sxc,
-                     mask=inside[:, None] & cmask[None, :], other=0.0)  # [BM, BK]
+        ih = ih0[:, None] + (r * dil_h)[None, :]  # [BM, BK]
+        iw = iw0[:, None] + (s * dil_w)[None, :]
+        inside = (mmask[:, None] & kmask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+        x_off = x_row[:, None] + ci.to(tl.int64)[None, :] * sxc + ih.to(tl.int64) * sxh \
+            + iw.to(tl.int64) * sxw
+        xt = tl.load(x_ptr + x_off, mask=inside, other=0.0)  # [BM, BK]
 
-        wmask = cmask[:, None] & nmask[None, :]
-        w_off = ci.to(tl.int64)[:, None] * swi + (r * swh + s * sww) + w_col[None, :]
+        wmask = kmask[:, None] & nmask[None, :]
+        w_off = (ci.to(tl.int64) * swi + r * swh + s * sww)[:, None] + w_col[None, :]
         w = tl.load(w_ptr + w_off, mask=wmask, other=0.0).to(tl.float32)  # [BK, BN]
-        if KH * KW == 1:  # canonical column = ci: contiguous, one Philox call per 4 columns
-            z = tl.trans(normal_tile(seed_lo, seed_hi, offset, 0, g * COUT_G + pid_n * BN,
-                                     (step % n_cblk) * BK, BN, BK))  # [BK, BN]
-        else:
-            k_canon = ci * (KH * KW) + tap  # [BK]
-            z = normal_at(seed_lo, seed_hi, offset, 0, co[None, :], k_canon[:, None])  # [BK, BN]
+        z = tl.trans(normal_tile(seed_lo, seed_hi, offset, 0, g * COUT_G + pid_n * BN, k0,
+                                 BN, BK))  # [BK, BN]: rows co, canonical columns k
         sig = noise_scale(w, sigma_ptr, co[None, :], nmask[None, :], MODE)
         wn = _round(tl.where(wmask, w + sig * z, 0.0), compute_ty, INTERPRET)  # rounded once
 
@@ -287,8 +287,7 @@ def noisy_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias, sigma: torch.T
         return y
 
     if split_k is None:
-        steps = kh * kw * triton.cdiv(cin_g, 32)
-        split_k = _pick_split_k(m, cout_g, groups, steps, x.device)
+        split_k = _pick_split_k(m, cout_g, groups, triton.cdiv(cin_g * kh * kw, 32), x.device)
     assert split_k >= 1, split_k
     acc = y if split_k == 1 else torch.zeros_like(y, dtype=torch.float32)  # same layout as y
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(cout_g, meta["BN"]), groups, split_k)
