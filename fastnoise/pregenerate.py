@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import dispatch, reference
+from . import context, dispatch, reference, rng
 
 __all__ = ["pregenerated", "noisy_weights"]
 
@@ -70,9 +70,18 @@ def _target_dtype(weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _version(t: Optional[Tensor]):
+    if t is None:
+        return None
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version: never equal to itself later
+        return object()
+
+
 def _versions(layer: nn.Module) -> tuple:
-    bias = layer.bias
-    return (layer.weight._version, None if bias is None else bias._version)
+    """Version counters of the weight and bias: an in-place change invalidates a kept draw."""
+    return (_version(layer.weight), _version(layer.bias))
 
 
 def _peek(layer: nn.Module):
@@ -162,8 +171,31 @@ def noisy_weights(model: nn.Module) -> dict:
     return dict(zip(names, _generate(_offsets_snapshot(jobs)), strict=True))
 
 
-def _prepare_forward(layers: list) -> None:
-    """Make an entry for every layer whose next call is noisy and has no valid entry yet."""
+def _fingerprint(layers: list):
+    """Everything a draw-mode entry depends on, or None when calls use counter offsets.
+
+    Equal fingerprints on two forwards mean every layer would peek the same (spec, seed, draw,
+    dtype) and see unchanged weights, so the entries made for the first still hold.
+    """
+    override = context.current()
+    if override is None or not override.enabled or override.draw is None:
+        return None
+    dev = layers[0].weight.device.type if layers else "cpu"
+    amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    return (override, torch.is_grad_enabled(), amp, rng.initial_seed(),
+            tuple((m.noise_id, m.spec, m.training) + _versions(m) for m in layers))
+
+
+def _prepare_forward(layers: list, last: dict) -> None:
+    """Make an entry for every layer whose next call is noisy and has no valid entry yet.
+
+    ``last`` keeps the fingerprint of the previous forward: in draw mode, an unchanged one skips
+    the per-layer checks (their Python costs more than a small batch's GPU time).
+    """
+    fingerprint = _fingerprint(layers)
+    if fingerprint is not None and fingerprint == last.get("fingerprint"):
+        return
+    last["fingerprint"] = fingerprint
     jobs, keys = [], []
     for layer in layers:
         args = _peek(layer)
@@ -232,7 +264,8 @@ def pregenerated(model: nn.Module):
     if not isinstance(model, nn.Module):
         raise TypeError(f"pregenerated expects an nn.Module, got {type(model).__name__}")
     layers = [m for _, m in _layers(model)]
-    pre = model.register_forward_pre_hook(lambda module, args: _prepare_forward(layers))
+    last: dict = {}
+    pre = model.register_forward_pre_hook(lambda module, args: _prepare_forward(layers, last))
     post = model.register_forward_hook(lambda module, args, output: _finish_forward(layers))
     try:
         yield model

@@ -227,3 +227,18 @@ def test_pregenerated_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         with pregenerated("resnet"):
             pass
+
+
+def test_a_model_built_in_inference_mode_regenerates_every_forward(monkeypatch):
+    """Inference tensors keep no version counter: the draw cache cannot trust them."""
+    with torch.inference_mode():
+        model = _model().eval()
+        x = _x()
+        with fastnoise.noise(draw=2):
+            want = model(x)
+            count = _Count(monkeypatch)
+            with pregenerated(model):
+                got = [model(x), model(x)]
+    assert count.calls == 2
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
