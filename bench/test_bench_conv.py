@@ -7,9 +7,11 @@ Providers, all bf16 channels_last: ``clean`` (cuDNN ``F.conv2d``), ``naive``
 (``F.conv2d(x, w + s * torch.randn_like(w))``, ``s = eta * (max w - min w)``), and fastnoise's
 ``auto``, ``fused`` (implicit GEMM, noise in-kernel) and ``generate`` (W + s z once, then cuDNN).
 The 53 convs are deduplicated into distinct shapes (``extra_info["count"]`` says how many times
-each occurs); batch 1, 32 and 256. ``extra_info`` holds the median of ``triton.testing.do_bench``
-for the provider and for ``clean`` measured in the same test, and their ratio; the fused path is
-skipped where its output is so large that drawing the noise once per M-tile cannot compete.
+each occurs); batch 1, 32 and 256. ``extra_info`` holds, for the provider and for ``clean``
+measured in the same test, the eager median (``triton.testing.do_bench``: at small batch mostly
+Python and launch overhead) and the GPU-only median from CUDA-graph replays
+(``do_bench_cudagraph``), and their ratios; the fused path is skipped where its output is so
+large that drawing the noise once per M-tile cannot compete.
 
 ``test_generate_all_weights``: every noisy weight of a ResNet-50 in one launch
 (``noise_gen.noisy_weights_multi``) against one ``noisy_weight`` launch per layer.
@@ -49,12 +51,14 @@ def test_conv_layer(benchmark, shape, batch, provider):
         pytest.skip(f"fused path not a candidate at M={m}")
     dev = torch.device("cuda")
     fn = gpu_conv.layer_fn(shape, batch, provider, dev)
-    this_ms = gpu_conv.median_ms(fn)
-    clean_ms = gpu_conv.median_ms(gpu_conv.layer_fn(shape, batch, "clean", dev))
+    clean = gpu_conv.layer_fn(shape, batch, "clean", dev)
+    this_ms, clean_ms = gpu_conv.median_ms(fn), gpu_conv.median_ms(clean)
+    this_gpu, clean_gpu = gpu_conv.gpu_ms(fn), gpu_conv.gpu_ms(clean)
     benchmark.extra_info.update({
         "device": torch.cuda.get_device_name(), "shape": str(shape), "count": COUNTS[shape],
-        "batch": batch, "m": m, "provider": provider, "do_bench_ms": this_ms, "clean_ms": clean_ms,
-        "ratio_vs_clean": this_ms / clean_ms,
+        "batch": batch, "m": m, "provider": provider, "eager_ms": this_ms, "clean_eager_ms": clean_ms,
+        "eager_ratio_vs_clean": this_ms / clean_ms, "gpu_ms": this_gpu, "clean_gpu_ms": clean_gpu,
+        "gpu_ratio_vs_clean": None if this_gpu is None or clean_gpu is None else this_gpu / clean_gpu,
     })
 
     def call():
