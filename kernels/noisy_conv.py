@@ -31,6 +31,7 @@ Only the forward lives here: the backward of every path regenerates ``W + sigma 
 calls ``aten.convolution_backward`` (see :mod:`fastnoise._backends_conv`).
 """
 
+import functools
 import os
 
 import torch
@@ -74,6 +75,13 @@ _CONFIGS = [
 ]
 _INTERPRET_CONFIGS = [triton.Config({"BM": 32, "BN": 16, "BK": 16}, num_warps=4, num_stages=1)]
 
+
+def _prune(configs, named_args, **kwargs):
+    """Small outputs: no tile taller than the output (it would only compute padding)."""
+    m = named_args["M_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BM"] <= max(16, m)]
+    return kept or configs[:1]
+
 # Split-K is sized from an estimate of the output tiles at this tile size (the real BM/BN are
 # autotuned); the goal is about two programs per SM.
 _SPLIT_EST_BM = 64
@@ -83,20 +91,25 @@ _MAX_SPLIT_K = 16
 
 @triton.autotune(
     configs=_INTERPRET_CONFIGS if _interpret() else _CONFIGS,
-    key=["M", "COUT_G", "CIN_G", "KH", "KW", "SPLIT_K"],
+    key=["M_BUCKET", "COUT_G", "CIN_G", "KH", "KW", "ATOMIC"],
+    prune_configs_by={"early_config_prune": _prune},
     restore_value=["y_ptr"],  # split-K adds into y: keep autotuning runs from accumulating
 )
 @triton.jit
 def _noisy_conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, sigma_ptr, offset_ptr, seed_lo, seed_hi,
-    M, H, W, OH, OW, CIN_G, COUT_G,
+    M, M_BUCKET, H, W, OH, OW, CIN_G, COUT_G, SPLIT_K,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    NOISE_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
+    NOISE_BIAS: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """One [BM, BN] tile of y for group program_id(1), K tiles program_id(2)::SPLIT_K."""
+    """One [BM, BN] tile of y for group program_id(1), K tiles program_id(2)::SPLIT_K.
+
+    ``ATOMIC`` (``SPLIT_K > 1``): y is a zeroed float32 buffer that the splits add into.
+    ``M_BUCKET`` (next power of two of M) only keys the autotuning.
+    """
     pid = tl.program_id(0)
     g = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -158,14 +171,14 @@ def _noisy_conv_fwd_kernel(
             zb = normal_at(seed_lo, seed_hi, offset, 1, tl.zeros_like(co), co)
             bias = bias + noise_scale(bias, sigma_ptr, co, nmask, MODE) * zb
         bias = _round(bias, compute_ty, INTERPRET).to(tl.float32)
-        if SPLIT_K > 1:
+        if ATOMIC:
             bias = tl.where(pid_k == 0, bias, 0.0)
         acc += bias[None, :]
 
     y_off = (n * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] \
         + co.to(tl.int64)[None, :] * syc  # [BM, BN]
     ymask = mmask[:, None] & nmask[None, :]
-    if SPLIT_K > 1:  # y is a zeroed float32 buffer
+    if ATOMIC:
         tl.atomic_add(y_ptr + y_off, acc, mask=ymask)
     else:
         tl.store(y_ptr + y_off, _round(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
@@ -226,6 +239,7 @@ _DW_BM = 64
 _DW_BC = 32
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -293,11 +307,11 @@ def noisy_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias, sigma: torch.T
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(cout_g, meta["BN"]), groups, split_k)
     _noisy_conv_fwd_kernel[grid](
         x, weight, b, acc, sigma, offset, seed_lo, seed_hi,
-        m, h, w, oh, ow, cin_g, cout_g,
+        m, triton.next_power_of_2(m), h, w, oh, ow, cin_g, cout_g, split_k,
         *x.stride(), *weight.stride(), *acc.stride(),
         *geometry,
         KH=kh, KW=kw, MODE=mode, HAS_BIAS=has_bias, NOISE_BIAS=bool(noise_bias and has_bias),
-        SPLIT_K=split_k, INTERPRET=_interpret(),
+        ATOMIC=split_k > 1, INTERPRET=_interpret(),
     )
     if acc is not y:
         y.copy_(acc)
