@@ -221,9 +221,10 @@ def _launch_group(tensors, sigmas, mode, seeds, offsets, streams, src_dtype, dty
         tiles += n_tiles
     flat = _empty(total, dtype=dtype, device=device)
     if tiles:
-        meta = torch.tensor(rows, dtype=torch.int64).to(device)
-        tile_start = torch.tensor(starts, dtype=torch.int64).to(device)
         n = len(rows)
+        # one host-to-device copy: the metadata rows, then the tile starts
+        packed = torch.tensor([v for row in rows for v in row] + starts, dtype=torch.int64).to(device)
+        meta, tile_start = packed[: n * _NF], packed[n * _NF:]
         _noisy_weights_multi_kernel[(tiles,)](
             meta, tile_start, flat, n,
             SRC_TY=_TL_DTYPES[src_dtype], MODE=mode, LOG_L=max(1, n.bit_length()), NF=_NF,
