@@ -179,6 +179,23 @@ def test_backward_sees_the_forward_noise(fwd, bwd):
     assert abs((g.double() * y2.double()).sum().item() - rhs) > 1e-3 * max(1.0, abs(lhs))
 
 
+@pytest.mark.parametrize("path", ["fused", "generate"])
+def test_grad_weight_alone(path):
+    """Input without grad (a first layer): the backward builds no noisy weight, dW is still right."""
+    case = FUSED_CASES[2]
+    x, w, b = _inputs(case)
+    w.requires_grad_(True)
+    y = noisy_conv2d(x, w, b, case.stride, case.padding, 1, 1, case.spec(), SEED, OFFSET, path=path)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.device, y.dtype)
+    (dw,) = torch.autograd.grad(y, w, grad)
+    _, _, same, _ = _reference(case, x, w.detach(), b, grad, case.dtype, upcast=False)
+    _, _, up, _ = _reference(case, x, w.detach(), b, grad, case.dtype, upcast=True)
+    # the weight's layout (strides of size-1 dims are free, torch.compile ignores them too)
+    assert [st for st, n in zip(dw.stride(), dw.shape, strict=True) if n > 1] == \
+        [st for st, n in zip(w.stride(), w.shape, strict=True) if n > 1]
+    assert_close_to_reference(dw, same, up, name="grad weight")
+
+
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("case", [FUSED_CASES[1], FUSED_CASES[8]], ids=lambda c: c.name)
 def test_fused_kernel_writes_every_output_element(case, layout):
