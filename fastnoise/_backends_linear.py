@@ -28,6 +28,10 @@ from ._backends import REFERENCE_LINEAR
 # M = 2048 cost 0.80 ms against 0.155 ms for generate. No measurement between M = 16 and 2048
 # yet: 64 is the issue's small-M bound. bench/gpu_linear.py re-measures; update it from there.
 FUSED_MAX_M = 64
+# float32 with TF32 off (PyTorch's default) makes the fused kernel multiply on the FMA units with
+# register spills (ptxas, sm_90); cuBLAS SGEMM on a generated buffer is the safer bet until
+# bench/gpu_linear.py's auto_vs_best rows say otherwise. With TF32 on, float32 goes by M.
+FUSED_FP32_NEEDS_TF32 = True
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -92,6 +96,9 @@ _BY_NAME = {"generate": GENERATE_LINEAR, "fused": FUSED_LINEAR}
 
 def auto_path(x: torch.Tensor) -> str:
     """What ``auto`` runs on a CUDA tensor ``x`` (the forward input, or ``dY`` in the backward)."""
+    if (FUSED_FP32_NEEDS_TF32 and x.dtype == torch.float32
+            and not torch.backends.cuda.matmul.allow_tf32):
+        return "generate"
     return "fused" if _rows(x) <= FUSED_MAX_M else "generate"
 
 
@@ -99,8 +106,9 @@ def choose(path, x, weight, backward=False):
     """The implementation of ``path`` for input ``x`` (``dY`` when ``backward``).
 
     ``auto``: the reference off CUDA, on CUDA ``fused`` for at most :data:`FUSED_MAX_M` rows
-    else ``generate``. An explicit GPU path that cannot run (no CUDA and no
-    ``TRITON_INTERPRET=1``, or float64) falls back to the reference with one warning.
+    else ``generate`` (float32: see :data:`FUSED_FP32_NEEDS_TF32`). An explicit GPU path that
+    cannot run (no CUDA and no ``TRITON_INTERPRET=1``, or float64) falls back to the reference
+    with one warning.
     """
     if path == "reference":
         return REFERENCE_LINEAR

@@ -225,6 +225,8 @@ def test_launcher_rejects_bad_arguments():
         noisy_matmul.noisy_matmul_fwd(x, w, None, sigma, 0, False, 1, off, out=torch.empty(3, 5))
     with pytest.raises(ValueError, match="split_k"):
         noisy_matmul.noisy_matmul_fwd(x, w, None, sigma, 0, False, 1, off, split_k=0)
+    with pytest.raises(TypeError, match="float64"):
+        noisy_matmul.noisy_matmul_fwd(x.double(), w, None, sigma, 0, False, 1, off)
 
 
 # ----------------------------------------------------------------------------- the noise itself
@@ -295,10 +297,24 @@ def test_float64_falls_back_to_the_reference_with_a_warning(monkeypatch):
 
 def test_auto_path_thresholds():
     m = backends.FUSED_MAX_M
-    assert backends.auto_path(torch.empty(m, 64, device="meta")) == "fused"
-    assert backends.auto_path(torch.empty(2, m // 2, 64, device="meta")) == "fused"
-    assert backends.auto_path(torch.empty(m + 1, 64, device="meta")) == "generate"
-    assert backends.auto_path(torch.empty(8192, 64, device="meta")) == "generate"
+
+    def x(*shape, dtype=BF16):
+        return torch.empty(*shape, 64, device="meta", dtype=dtype)
+
+    assert backends.auto_path(x(m)) == "fused"
+    assert backends.auto_path(x(2, m // 2, dtype=F16)) == "fused"
+    assert backends.auto_path(x(m + 1)) == "generate"
+    assert backends.auto_path(x(8192)) == "generate"
+    # float32: fused only with TF32 products
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert backends.auto_path(x(1, dtype=F32)) == "generate"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert backends.auto_path(x(1, dtype=F32)) == "fused"
+        assert backends.auto_path(x(m + 1, dtype=F32)) == "generate"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def test_split_heuristic():

@@ -1,0 +1,20 @@
+"""The benchmarks need a CUDA GPU: without one, every test under ``bench/`` is skipped (not failed).
+
+    python -m pytest bench/ --benchmark-columns=median,iqr,rounds
+"""
+
+import os
+
+import pytest
+import torch
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU")
+    for item in items:
+        if os.path.abspath(str(item.fspath)).startswith(BENCH_DIR + os.sep):
+            item.add_marker(skip)
