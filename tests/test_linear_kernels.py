@@ -211,6 +211,23 @@ def test_nothing_weight_sized_saved_for_backward(path):
 
 @needs_kernels
 @pytest.mark.parametrize("path", ["fused", "generate"])
+def test_partial_gradients(path):
+    """Only the weight, or only the input, needs a gradient: the other is not computed."""
+    x, w, b = _inputs((6,), 40, 24, F32)
+    spec = NoiseSpec(0.1, noise_bias=True)
+    want = _fwd_bwd(x, w, b, spec, "reference")
+    for which in ("weight", "input"):
+        xx = x.clone().requires_grad_(which == "input")
+        ww = w.clone().requires_grad_(which == "weight")
+        y = noisy_linear(xx, ww, b, spec, SEED, OFFSET, path=path)
+        y.backward(want[4])
+        got, other, ref = (ww.grad, xx.grad, want[2]) if which == "weight" else (xx.grad, ww.grad, want[1])
+        assert other is None
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("path", ["fused", "generate"])
 def test_empty_batch(path):
     x, w, b = _inputs((0,), 20, 12, F32)
     y, dx, dw, db, _ = _fwd_bwd(x, w, b, NoiseSpec(0.1), path)
