@@ -85,27 +85,30 @@ class NoiseSpec:
         ``[1]`` for per-tensor scales and ``proportional`` (where it holds ``eta``),
         ``[out]`` for ``absmax_per_channel``. No host synchronisation.
         """
-        w = weight.detach().reshape(weight.shape[0], -1).float()
+        # min/max in the weight's own dtype (exact, and no float32 copy of W), then float32
+        w = weight.detach().reshape(weight.shape[0], -1)
         b = None
         if self.noise_bias and bias is not None:
             b = bias.detach().float().reshape(-1, 1)
         if self.scale == "proportional":
             return torch.full((1,), self.eta, dtype=torch.float32, device=weight.device)
+        if self.scale == "absmax_per_channel":
+            lo, hi = torch.aminmax(w, dim=1)
+            m = torch.maximum(hi.float(), -lo.float())
+            if b is not None:
+                m = torch.maximum(m, b.abs().reshape(-1))
+            return m * self.eta
+        lo, hi = torch.aminmax(w)
+        lo, hi = lo.float(), hi.float()
         if self.scale == "range":
-            hi, lo = w.max(), w.min()
             if b is not None:
                 hi, lo = torch.maximum(hi, b.max()), torch.minimum(lo, b.min())
             return ((hi - lo) * self.eta).reshape(1)
-        if self.scale == "absmax":
-            m = w.abs().max()
-            if b is not None:
-                m = torch.maximum(m, b.abs().max())
-            return (m * self.eta).reshape(1)
-        # absmax_per_channel
-        m = w.abs().amax(dim=1)
+        # absmax
+        m = torch.maximum(hi, -lo)
         if b is not None:
-            m = torch.maximum(m, b.abs().reshape(-1))
-        return m * self.eta
+            m = torch.maximum(m, b.abs().max())
+        return (m * self.eta).reshape(1)
 
     def __str__(self) -> str:
         bias = ", noise_bias=True" if self.noise_bias else ""

@@ -9,7 +9,8 @@ kernels whose K order is not the canonical one (implicit-GEMM convs).
 import triton
 import triton.language as tl
 
-PHILOX_ROUNDS = 10  # must equal fastnoise.rng.PHILOX_ROUNDS
+# a constexpr: compiled Triton refuses plain module globals inside @jit functions
+PHILOX_ROUNDS = tl.constexpr(10)  # must equal fastnoise.rng.PHILOX_ROUNDS
 
 
 @triton.jit
