@@ -76,8 +76,12 @@ def check_state_dict(model: nn.Module, state: dict, path: str, what: str, arch: 
 
 
 def load_weights(model: nn.Module, path: str, what: str, arch: str, classifier: str,
-                 data_classes: int) -> None:
-    """Load a weight file into ``model`` after :func:`check_state_dict`."""
+                 data_classes: int, assign: bool = False) -> None:
+    """Load a weight file into ``model`` after :func:`check_state_dict`.
+
+    ``assign=True`` takes the file's tensors as the parameters (for a model built on the meta
+    device).
+    """
     state = model_state_from(load_file(path, what), path, what)
     check_state_dict(model, state, path, what, arch, classifier, data_classes)
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)

@@ -54,6 +54,8 @@ class DataBundle:
 class DigitsDataset(Dataset):
     """The scikit-learn digits as ``[1, 8, 8]`` float tensors in [-1, 1]."""
 
+    uses_rng = False  # no augmentation
+
     def __init__(self, train: bool):
         from sklearn.datasets import load_digits
 
@@ -104,7 +106,7 @@ class CifarDataset(Dataset):
         self.targets = torch.tensor(labels, dtype=torch.int64)
         if len(self.targets) != len(self.images):
             raise ConfigError(f"{root}: {len(self.images)} images but {len(self.targets)} labels")
-        self.augment = augment
+        self.augment = self.uses_rng = augment
         self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
         self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
 
@@ -221,12 +223,15 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, item):
         index, seed = item
-        state = torch.get_rng_state()
-        torch.manual_seed(seed)
+        if not getattr(self.base, "uses_rng", True):  # nothing random to seed
+            return self.base[index]
+        gen = torch.default_generator  # (torch.manual_seed would also seed every accelerator: slow)
+        state = gen.get_state()
+        gen.manual_seed(seed)
         try:
             return self.base[index]
         finally:
-            torch.set_rng_state(state)
+            gen.set_state(state)
 
 
 class EpochBatchSampler:

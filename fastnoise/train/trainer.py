@@ -49,7 +49,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .data import EpochBatchSampler, build_data, eval_loader, train_loader
 from .models import CLASSIFIER, CONVNETS, build_model
-from .recipes import ConfigError, dump_config, load_config_file, validate
+from .recipes import ConfigError, dump_config, load_recipe, validate
 from .tasks import ClassificationTask, ConsistencyTask, DistillationTask, FrozenTeacher
 
 __all__ = ["Trainer", "TrainResult", "train", "RUN_FILES", "teacher_config", "lr_factor"]
@@ -157,7 +157,7 @@ class Trainer:
             if not os.path.isfile(self._path("last.pt")):
                 raise ConfigError(f"cannot resume: {self.out!r} has no last.pt")
             if os.path.isfile(self._path("config.yaml")):
-                saved = _flatten(load_config_file(self._path("config.yaml")))
+                saved = _flatten(load_recipe(self._path("config.yaml")))
                 now = _flatten(self.cfg)
                 for key in sorted(set(saved) | set(now)):
                     if key not in _RESUMABLE_CHANGES and saved.get(key) != now.get(key):
@@ -193,11 +193,25 @@ class Trainer:
             raise ConfigError(f"model.init=teacher needs teacher.arch == model.arch, got "
                               f"{self._teacher_arch()!r} and {m['arch']!r}")
 
+    def _check_layers(self) -> None:
+        """Consistency's module names exist in the model (checked before anything is written)."""
+        names = self.cfg["method"]["layers"]
+        if self.cfg["method"]["name"] != "consistency":
+            return
+        arch = self.cfg["model"]["arch"]
+        with torch.device("meta"):  # names only: no memory, no initialisation
+            modules = dict(build_model(arch, self.num_classes).named_modules())
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            known = [n for n in modules if n][:12]
+            raise ConfigError(f"method.layers: no module named {unknown[0]!r} in {arch} "
+                              f"(some names it has: {known})")
+
     def _load_teacher(self, path: str, num_classes: int) -> nn.Module:
         arch = self._teacher_arch()
-        with torch.random.fork_rng(devices=[]):  # building it must not move the run's RNG
+        with torch.device("meta"):  # no initialisation (and no use of torch's RNG): the file fills it
             teacher = build_model(arch, num_classes)
-        ckpt.load_weights(teacher, path, "teacher", arch, CLASSIFIER[arch], num_classes)
+        ckpt.load_weights(teacher, path, "teacher", arch, CLASSIFIER[arch], num_classes, assign=True)
         return teacher
 
     def _amp_dtype(self) -> Optional[torch.dtype]:
@@ -224,17 +238,18 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
 
     # ------------------------------------------------------------------ setup
-    def _setup(self) -> bool:
-        """Build everything; returns False when there is nothing to train (finished run)."""
+    def _setup(self) -> None:
+        """Check everything, then create the run folder and build the model, task and optimizer."""
         cfg = self.cfg
         self.dist = distributed.setup(self.device_arg)
         self._check_run_folder()
-        self._check_teacher_settings()
         data = build_data(cfg)
         want = cfg["data"]["num_classes"]
         if want is not None and want != data.num_classes:
             raise ConfigError(f"data.num_classes={want} but the data has {data.num_classes} classes")
+        self._check_teacher_settings()
         self.num_classes = data.num_classes
+        self._check_layers()
         teacher = None
         tw = cfg["teacher"]["weights"]
         if self._needs_teacher() and tw is not None:
@@ -316,7 +331,6 @@ class Trainer:
             self._load_checkpoint()
         if self.dist.is_main:
             self._truncate_logs()
-        return True
 
     def _train_teacher(self) -> nn.Module:
         tdir = self._path("teacher")

@@ -1,0 +1,215 @@
+"""The ``fastnoise`` command.
+
+    fastnoise demo [--out DIR] [--seed N] [--epochs N] [--draws N]
+    fastnoise train --recipe NAME|FILE [--data DIR] [--out DIR] [--resume | --overwrite] [key=value ...]
+    fastnoise eval (--run DIR | --recipe NAME|FILE --weights FILE) [--data DIR] [--etas ...] [--draws N]
+    fastnoise recipes
+
+Overrides are ``key=value`` pairs with dotted keys (``optim.lr=0.05``, ``noise.exclude=[fc]``),
+typed by YAML parsing; an unknown key is an error. Under ``torchrun`` (``torchrun
+--nproc_per_node N -m fastnoise.cli train ...``) ``train`` runs data-parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastnoise", description="Weight-noise training and robustness "
+                                     "evaluation (noise injection, KD + noise, consistency regularization).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="every method on scikit-learn's bundled digits, accuracy vs eta")
+    d.add_argument("--out", default="fastnoise-demo", help="output folder (default: fastnoise-demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--epochs", type=int, default=None, help="student epochs (recipe: 15)")
+    d.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (recipe: 20)")
+    d.add_argument("--draws", type=int, default=20, help="noise draws per eta (default 20)")
+    d.add_argument("--eta", type=float, default=None, help="training eta of the students (recipe: 0.1)")
+    d.add_argument("--methods", nargs="+", default=None, help="subset of: clean noise kd consistency")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("overrides", nargs="*", help="digits-recipe overrides key=value")
+
+    t = sub.add_parser("train", help="train with a recipe")
+    t.add_argument("--recipe", default=None, help="a shipped recipe name or a YAML file")
+    t.add_argument("--data", default=None, help="dataset folder (sets data.root)")
+    t.add_argument("--out", default=None, help="run folder (default: runs/NAME)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    g.add_argument("--overwrite", action="store_true", help="replace the run files in an existing --out")
+    t.add_argument("--stop-at-step", type=int, default=None, help="stop (and save) after this many steps")
+    _add_common(t)
+    t.add_argument("overrides", nargs="*", help="key=value settings")
+
+    e = sub.add_parser("eval", help="robustness table of a trained model")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", default=None, help="a run folder (its config.yaml and weights)")
+    src.add_argument("--recipe", default=None, help="a recipe, with --weights")
+    e.add_argument("--weights", default=None, help="state_dict or checkpoint file (with --recipe; "
+                   "with --run default model.pth, else last.pt)")
+    e.add_argument("--data", default=None, help="dataset folder (sets data.root)")
+    e.add_argument("--etas", type=float, nargs="+", default=None, help="noise levels (default: eval.etas)")
+    e.add_argument("--draws", type=int, default=None, help="draws per eta (default: eval.draws)")
+    e.add_argument("--out", default=None, help="folder for robustness.csv/png (default: RUN/eval)")
+    e.add_argument("--overwrite", action="store_true")
+    _add_common(e)
+    e.add_argument("overrides", nargs="*", help="key=value settings")
+
+    sub.add_parser("recipes", help="list the shipped recipes")
+    parser.commands = dict(sub.choices)
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+def _cmd_demo(args) -> int:
+    from .train.demo import DEMO_METHODS, run_demo
+
+    run_demo(args.out, seed=args.seed, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
+             draws=args.draws, eta=args.eta, methods=tuple(args.methods or DEMO_METHODS),
+             overrides=args.overrides, progress=not args.no_progress)
+    print(f"wrote {os.path.join(args.out, 'robustness.png')} and robustness.csv, table.md")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .train.recipes import ConfigError, apply_overrides, load_recipe, resolve, validate
+    from .train.trainer import Trainer
+
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out RUN_FOLDER")
+        saved = os.path.join(args.out, "config.yaml")
+        if not os.path.isfile(saved):
+            raise ConfigError(f"cannot resume: {args.out!r} has no config.yaml")
+        cfg = load_recipe(saved)  # the run's settings over the defaults
+        if args.data is not None:
+            cfg["data"]["root"] = args.data
+        cfg = validate(apply_overrides(cfg, args.overrides))
+        if args.recipe is not None and resolve(args.recipe)["name"] != cfg["name"]:
+            raise ConfigError(f"--recipe {args.recipe!r} is not the recipe of {args.out!r} ({cfg['name']!r})")
+    else:
+        if args.recipe is None:
+            raise ConfigError("train needs --recipe NAME (see `fastnoise recipes`)")
+        cfg = resolve(args.recipe, args.overrides, args.data)
+    out = args.out or os.path.join("runs", cfg["name"])
+    Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, stop_at_step=args.stop_at_step,
+            progress=False if args.no_progress else None, device=args.device).fit()
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from . import rng
+    from .modules import convert
+    from .robustness import evaluate_robustness
+    from .spec import NoiseSpec
+    from .train import checkpoint as ckpt
+    from .train import distributed
+    from .train.data import build_data, eval_loader
+    from .train.models import CLASSIFIER, build_model
+    from .train.recipes import ConfigError, apply_overrides, load_recipe, resolve, validate
+
+    if args.run is not None:
+        saved = os.path.join(args.run, "config.yaml")
+        if not os.path.isfile(saved):
+            raise ConfigError(f"{args.run!r} is not a run folder: no config.yaml")
+        cfg = load_recipe(saved)  # the run's settings over the defaults
+        if args.data is not None:
+            cfg["data"]["root"] = args.data
+        cfg = validate(apply_overrides(cfg, args.overrides))
+        weights = args.weights
+        if weights is None:
+            model_file = os.path.join(args.run, "model.pth")
+            weights = model_file if os.path.isfile(model_file) else os.path.join(args.run, "last.pt")
+        out = args.out or os.path.join(args.run, "eval")
+    else:
+        if args.weights is None:
+            raise ConfigError("eval --recipe needs --weights FILE")
+        cfg = resolve(args.recipe, args.overrides, args.data)
+        weights = args.weights
+        out = args.out or os.path.join("runs", f"{cfg['name']}-eval")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise ConfigError(f"output folder {out!r} already exists; pass --overwrite or another --out")
+    etas = args.etas if args.etas is not None else cfg["eval"]["etas"]
+    draws = args.draws if args.draws is not None else cfg["eval"]["draws"]
+    if not etas:
+        raise ConfigError("no etas to evaluate (give --etas)")
+    if draws < 1:
+        raise ConfigError(f"--draws must be >= 1, got {draws}")
+
+    info = distributed.setup(args.device)
+    data = build_data(cfg)
+    want = cfg["data"]["num_classes"]
+    if want is not None and want != data.num_classes:
+        raise ConfigError(f"data.num_classes={want} but the data has {data.num_classes} classes")
+    # the trainer's seeds and build order, so the layers' ids (hence the chips) are the same
+    torch.manual_seed(cfg["seed"])
+    rng.manual_seed(cfg["seed"])
+    arch = cfg["model"]["arch"]
+    model = build_model(arch, data.num_classes)
+    ckpt.load_weights(model, weights, "weights", arch, CLASSIFIER[arch], data.num_classes)
+    n = cfg["noise"]
+    spec = NoiseSpec(eta=n["eta"], scale=n["scale"], noise_bias=n["noise_bias"])
+    convert(model, spec, exclude=n["exclude"] or None)
+    model.to(info.device)
+    loader = eval_loader(data.val, cfg["data"]["eval_batch_size"], cfg["data"]["workers"],
+                         info.device.type == "cuda", info.rank, info.world_size)
+    amp = cfg["amp"]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if amp == "auto" and info.device.type == "cuda":
+        dtype = torch.bfloat16
+    result = evaluate_robustness(model, loader, etas, draws, device=info.device, name=cfg["name"],
+                                 progress=not args.no_progress and info.is_main, autocast_dtype=dtype,
+                                 distributed=info.distributed)
+    if info.is_main:
+        os.makedirs(out, exist_ok=True)
+        result.to_csv(os.path.join(out, "robustness.csv"))
+        result.plot(os.path.join(out, "robustness.png"))
+        print(result.table())
+        print(f"wrote {os.path.join(out, 'robustness.csv')} and robustness.png")
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    from .train.recipes import list_recipes
+
+    for name in list_recipes():
+        print(name)
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point of the ``fastnoise`` console script; returns the exit status."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in parser.commands:
+        # intermixed: overrides may come before or after the options
+        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+    else:
+        args = parser.parse_args(argv)  # help, or the error for a missing / unknown command
+    from .train.recipes import ConfigError
+
+    handlers = {"demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "recipes": _cmd_recipes}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as e:
+        print(f"fastnoise: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Bad input: a clear message (exit status 2) and nothing written or overwritten."""
+
+import os
+
+import pytest
+import torch
+
+from fastnoise.cli import main
+from fastnoise.train.models import DigitsCNN, build_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models: one intra-op thread is as fast on an idle machine and far faster on a busy one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = ["model.arch=digits_mlp", "teacher.epochs=0", "schedule.epochs=1", "data.batch_size=700",
+        "eval.etas=[0.0]", "eval.epoch_draws=0", "--no-progress"]
+
+
+def _snapshot(root):
+    """Every file under root with its bytes (None if root does not exist)."""
+    if not os.path.exists(root):
+        return None
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def _fails(capsys, argv, *fragments):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastnoise: error: "), err
+    for frag in fragments:
+        assert frag in err, f"{frag!r} not in {err!r}"
+    return err
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    missing = str(tmp_path / "no-such-folder")
+    _fails(capsys, ["train", "--recipe", "cifar-resnet32-kd", "--data", missing, "--out", out,
+                    "teacher.weights=x.pth"], f"data folder {missing!r} does not exist")
+    assert not os.path.exists(out)
+    _fails(capsys, ["train", "--recipe", "imagenet-resnet50-kd", "--out", out],
+           "data.root is not set", "--data")
+    assert not os.path.exists(out)
+
+
+def test_imagefolder_class_counts_disagree(tmp_path, capsys):
+    from PIL import Image
+
+    for split, classes in (("train", ("a", "b", "c")), ("val", ("a", "b"))):
+        for c in classes:
+            os.makedirs(tmp_path / "d" / split / c)
+            Image.new("RGB", (8, 8)).save(tmp_path / "d" / split / c / "x.jpg")
+    _fails(capsys, ["train", "--recipe", "imagenet-resnet50-kd", "--data", str(tmp_path / "d"), "--out",
+                    str(tmp_path / "run")], "train/ has 3 classes but val/ has 2")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_data_num_classes_disagrees(tmp_path, capsys):
+    _fails(capsys, ["train", "--recipe", "digits", "--out", str(tmp_path / "run"), "data.num_classes=5",
+                    *TINY], "data.num_classes=5 but the data has 10 classes")
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("kind", ["missing", "other-arch", "other-shape", "other-classes", "not-torch"])
+def test_teacher_file_errors(kind, tmp_path, capsys):
+    path = str(tmp_path / "teacher.pth")
+    expected = {
+        "missing": [f"teacher file {path!r} does not exist"],
+        "other-arch": ["does not match digits_cnn", "key 'conv1.weight' is missing"],
+        "other-shape": ["does not match digits_cnn", "conv1.weight has shape (8, 1, 3, 3) in the file, "
+                        "(16, 1, 3, 3) in the model"],
+        "other-classes": ["has 5 classes", "but the data has 10"],
+        "not-torch": ["could not be read as a torch file"],
+    }[kind]
+    if kind == "other-arch":
+        torch.save(build_model("digits_mlp", 10).state_dict(), path)
+    elif kind == "other-shape":
+        torch.save(DigitsCNN(10, width=8).state_dict(), path)
+    elif kind == "other-classes":
+        torch.save({"model": build_model("digits_cnn", 5).state_dict()}, path)  # a checkpoint layout
+    elif kind == "not-torch":
+        with open(path, "w") as f:
+            f.write("not a checkpoint")
+    out = str(tmp_path / "run")
+    _fails(capsys, ["train", "--recipe", "digits", "--out", out, f"teacher.weights={path}", "--no-progress"],
+           *expected)
+    assert not os.path.exists(out)
+
+
+def test_kd_without_teacher_and_bad_layers(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    _fails(capsys, ["train", "--recipe", "digits", "--out", out, "teacher.epochs=0"],
+           "method kd needs a teacher", "teacher.weights=FILE")
+    _fails(capsys, ["train", "--recipe", "digits", "--out", out, "method.name=consistency", "model.init=null",
+                    "method.layers=[fc1, nope]", *TINY], "no module named 'nope'")
+    _fails(capsys, ["train", "--recipe", "digits", "--out", out, "optim.lrate=1"], "'optim.lrate'")
+    assert not os.path.exists(out)
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+        f.write("mine")
+    before = _snapshot(out)
+    args = ["train", "--recipe", "digits", "--out", out, "method.name=noise", "model.init=null", *TINY]
+    _fails(capsys, args, f"run folder {out!r} already exists", "--resume", "--overwrite")
+    _fails(capsys, ["train", "--resume", "--out", out], "has no config.yaml")
+    assert _snapshot(out) == before
+
+    # --overwrite replaces the run files (and keeps what is not ours); then the run exists
+    assert main([*args, "--overwrite"]) == 0
+    assert open(os.path.join(out, "notes.txt")).read() == "mine"
+    done = _snapshot(out)
+    assert "last.pt" in done and "model.pth" in done
+    _fails(capsys, args, "already exists")
+    _fails(capsys, ["train", "--resume", "--out", out, "optim.lr=0.5"],
+           "cannot resume", "optim.lr is 0.002 in its config.yaml, 0.5 now")
+    assert _snapshot(out) == done
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        f.write("name: digits\n")
+    _fails(capsys, ["train", "--resume", "--out", out], "has no last.pt")
+
+
+def test_eval_and_demo_refuse_foreign_folders(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "x.txt").write_text("keep")
+    _fails(capsys, ["demo", "--out", str(out), "--no-progress"], "was not written by the demo")
+    weights = str(tmp_path / "w.pth")
+    torch.save(build_model("digits_cnn", 10).state_dict(), weights)
+    _fails(capsys, ["eval", "--recipe", "digits", "--weights", weights, "--out", str(out), "--no-progress"],
+           "already exists")
+    assert _snapshot(str(out)) == {"x.txt": b"keep"}
+    _fails(capsys, ["eval", "--run", str(tmp_path / "nope")], "no config.yaml")
+    _fails(capsys, ["eval", "--recipe", "digits", "--weights", str(tmp_path / "nope.pth"), "--out",
+                    str(tmp_path / "e")], "does not exist")
+    assert not os.path.exists(tmp_path / "e")
