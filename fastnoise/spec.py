@@ -78,7 +78,6 @@ class NoiseSpec:
         fields.update(changes)
         return NoiseSpec(**fields)
 
-    @torch.no_grad()
     def sigma(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 sigma tensor the kernels read (see :attr:`mode`), on ``weight.device``.
 

@@ -95,3 +95,16 @@ def test_compiled_kernel_paths_match_eager(path):
     got = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, w, b, offset), (x, w, b))
     for a, c in zip(got, want, strict=True):
         torch.testing.assert_close(a, c, **TOL)
+
+
+def test_compiled_functional_ops_with_spec_built_inside():
+    """A NoiseSpec made inside the compiled function (no source for dynamo) traces too."""
+    from fastnoise.functional import noisy_conv2d
+
+    x, w, b = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
+
+    def fn(x, w, b):
+        y = noisy_conv2d(x, w, b, padding=1, spec=NoiseSpec(0.1, "absmax_per_channel"), seed=3, offset=2)
+        return noisy_linear(y.flatten(1), torch.ones(5, 4 * 8 * 8), None, NoiseSpec(0.05), 4, 1)
+
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x, w, b), fn(x, w, b), **TOL)
