@@ -190,3 +190,16 @@ def test_imagenet_recipes_full_model_gpu(recipe, imagenet, tmp_path):
     _train("--recipe", recipe, "--data", os.path.join(str(tmp_path), "big"), f"teacher.weights={teacher}",
            "data.batch_size=12", "data.eval_batch_size=12", "--out", out, *QUICK)
     _check_run(out, steps=2)
+
+
+def test_resume_a_run_interrupted_after_its_teacher(tmp_path):
+    """Killed after the teacher was trained but before the student's first checkpoint."""
+    args = ["--recipe", "digits", "model.arch=digits_mlp", "teacher.epochs=1", "data.batch_size=400", *QUICK]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    _train(*args, "--out", full)
+    _train(*args, "--out", cut, "--stop-at-step", "1")
+    for name in ("last.pt", "steps.csv"):
+        os.remove(os.path.join(cut, name))
+    _train("--resume", "--out", cut, "--no-progress")
+    _check_run(cut, steps=3)
+    assert _rows(os.path.join(cut, "steps.csv")) == _rows(os.path.join(full, "steps.csv"))

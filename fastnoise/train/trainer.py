@@ -154,7 +154,9 @@ class Trainer:
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ConfigError(f"run folder {self.out!r} exists and is not a folder")
         if self.resume:
-            if not os.path.isfile(self._path("last.pt")):
+            # a run stopped while its teacher was being trained has no last.pt yet
+            teacher_started = os.path.isfile(os.path.join(self._path("teacher"), "config.yaml"))
+            if not os.path.isfile(self._path("last.pt")) and not teacher_started:
                 raise ConfigError(f"cannot resume: {self.out!r} has no last.pt")
             if os.path.isfile(self._path("config.yaml")):
                 saved = _flatten(load_recipe(self._path("config.yaml")))
@@ -327,7 +329,7 @@ class Trainer:
         self.best = -1.0
         self.sums: dict = {}
         self.metrics: list = []
-        if self.resume:
+        if self.resume and os.path.isfile(self._path("last.pt")):
             self._load_checkpoint()
         if self.dist.is_main:
             self._truncate_logs()
