@@ -191,7 +191,8 @@ def _top1(model: nn.Module, loader: Iterable, device, autocast_dtype, channels_l
 def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float], draws: int,
                         spec: Optional[NoiseSpec] = None, *, device=None, progress: bool = True,
                         name: str = "model", autocast_dtype: Optional[torch.dtype] = None,
-                        channels_last: bool = False, distributed: bool = False) -> RobustnessResult:
+                        channels_last: bool = False, distributed: bool = False,
+                        pregenerate: Optional[bool] = None) -> RobustnessResult:
     """Top-1 accuracy (percent) of ``model`` on ``loader`` under weight noise.
 
     For each ``eta``: one clean pass if ``eta == 0``, else ``draws`` passes, pass ``k`` inside
@@ -212,6 +213,9 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
         autocast_dtype: run the forward under ``torch.autocast`` with this dtype (e.g. bf16).
         channels_last: pass 4-D inputs in channels_last memory format.
         distributed: sum the counts over the process group (each rank holds a shard).
+        pregenerate: run the passes inside :func:`fastnoise.pregenerate.pregenerated`, which
+            draws each chip's noisy weights once per pass instead of once per batch (same
+            results); None: on CUDA only (on the CPU the reference path regenerates per batch).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -239,8 +243,15 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
     model.eval()
     results: list = [[] for _ in etas]
     samples = 0
+    if pregenerate is None:
+        pregenerate = device.type == "cuda"
+    keep = contextlib.nullcontext()
+    if pregenerate:
+        from .pregenerate import pregenerated
+
+        keep = pregenerated(model)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), keep:
             for i, e, k in passes:
                 ctx = noise(enabled=False) if e == 0 else noise(eta=e, draw=k, **overrides)
                 with ctx:

@@ -109,3 +109,33 @@ def test_table_csv_and_plots(tmp_path):
     assert len(list(csv.DictReader(open(tmp_path / "both.csv")))) == 4
     with pytest.raises(ValueError, match="etas"):
         results_table({"a": r, "b": RobustnessResult([0.0], [[1.0]])})
+
+
+def test_pregenerated_passes_give_the_same_table():
+    """One noisy copy of the weights per pass (fastnoise.pregenerated) changes nothing."""
+    model, loader, _, _ = _model_and_loader()
+    a = fastnoise.evaluate_robustness(model, loader, [0.0, 0.2], 3, progress=False, pregenerate=False)
+    b = fastnoise.evaluate_robustness(model, loader, [0.0, 0.2], 3, progress=False, pregenerate=True)
+    assert a.accuracies == b.accuracies
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_channels_last_and_pregenerated():
+    """On a GPU: a CIFAR ResNet-32 under bf16 autocast and channels_last, several batches per
+    pass; keeping each chip's weights for the pass agrees with per-batch noise to rounding."""
+    from fastnoise.train.models import build_model
+
+    model = fastnoise.convert(build_model("resnet32", 10), fastnoise.NoiseSpec(eta=0.05)).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(301, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        y = model.eval()(x).argmax(-1)  # labels the clean model gets right
+    loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 301, 64)]
+    kw = dict(progress=False, autocast_dtype=torch.bfloat16, channels_last=True)
+    a = fastnoise.evaluate_robustness(model, loader, [0.0, 0.05, 0.1], 4, pregenerate=False, **kw)
+    b = fastnoise.evaluate_robustness(model, loader, [0.0, 0.05, 0.1], 4, pregenerate=True, **kw)
+    assert a.mean[0] > 95.0
+    for ra, rb in zip(a.accuracies, b.accuracies, strict=True):
+        for va, vb in zip(ra, rb, strict=True):
+            assert abs(va - vb) <= 100.0 * 3 / 301
+    assert a.mean[2] < a.mean[0]
