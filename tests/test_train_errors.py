@@ -154,3 +154,14 @@ def test_eval_and_demo_refuse_foreign_folders(tmp_path, capsys):
     _fails(capsys, ["eval", "--recipe", "digits", "--weights", str(tmp_path / "nope.pth"), "--out",
                     str(tmp_path / "e")], "does not exist")
     assert not os.path.exists(tmp_path / "e")
+
+
+def test_model_init_file_is_checked_before_writing(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    bad = str(tmp_path / "init.pth")
+    torch.save(build_model("digits_cnn", 3).state_dict(), bad)
+    _fails(capsys, ["train", "--recipe", "digits", "--out", out, "method.name=noise", f"model.init={bad}"],
+           "model.init file", "has 3 classes", "the data has 10")
+    _fails(capsys, ["train", "--recipe", "digits", "--out", out, "method.name=noise",
+                    f"model.init={tmp_path / 'none.pth'}"], "does not exist")
+    assert not os.path.exists(out)

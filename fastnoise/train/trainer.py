@@ -257,8 +257,13 @@ class Trainer:
         if self._needs_teacher() and tw is not None:
             teacher = self._load_teacher(os.path.expanduser(str(tw)), self.num_classes)
         init = cfg["model"]["init"]
-        if init not in (None, "teacher") and not os.path.isfile(os.path.expanduser(init)):
-            raise ConfigError(f"model.init file {init!r} does not exist")
+        if init not in (None, "teacher"):  # read and check it now, before anything is written
+            arch = cfg["model"]["arch"]
+            with torch.device("meta"):
+                probe = build_model(arch, self.num_classes)
+            ckpt.load_weights(probe, os.path.expanduser(init), "model.init", arch, CLASSIFIER[arch],
+                              self.num_classes, assign=True)
+            del probe
 
         # everything is checked: from here on files are written
         if self.dist.is_main:
