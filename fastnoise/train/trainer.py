@@ -140,10 +140,15 @@ class Trainer:
         self.progress = self.cfg["log"]["progress"] if progress is None else bool(progress)
         self.device_arg = device
         self._log = log
+        self._bar = None
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
-        if self.dist.is_main:
+        if not self.dist.is_main:
+            return
+        if self._bar is not None and self._log is print:
+            self._bar.write(msg)  # above the progress bar, not through it
+        else:
             self._log(msg)
 
     def _path(self, name: str) -> str:
@@ -518,6 +523,7 @@ class Trainer:
             bar_cm = tqdm(total=self.total_steps, initial=self.global_step, desc=cfg["name"],
                           dynamic_ncols=True, leave=False)
         with bar_cm as bar:
+            self._bar = bar
             while self.epoch < epochs:
                 t0 = time.perf_counter()
                 self.base.train()
@@ -541,6 +547,7 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                     if self.stop_at_step is not None and self.global_step >= self.stop_at_step:
+                        self._bar = None
                         self._save()
                         self.log(f"stopped at step {self.global_step}; continue with --resume")
                         return TrainResult(self.out, self.global_step, self.epoch, True, self.metrics)
@@ -564,6 +571,7 @@ class Trainer:
                 self._save()
                 if improved and cfg["checkpoint"]["best"]:
                     self._save("best.pt")
+            self._bar = None
         if self.dist.is_main:
             ckpt.save_atomic(self.base.state_dict(), self._path("model.pth"))
         result = None
