@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--draws", type=int, default=20, help="noise draws per eta (default 20)")
     d.add_argument("--eta", type=float, default=None, help="training eta of the students (recipe: 0.1)")
     d.add_argument("--methods", nargs="+", default=None, help="subset of: clean noise kd consistency")
+    d.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("overrides", nargs="*", help="digits-recipe overrides key=value")
 
@@ -78,7 +79,7 @@ def _cmd_demo(args) -> int:
 
     run_demo(args.out, seed=args.seed, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
              draws=args.draws, eta=args.eta, methods=tuple(args.methods or DEMO_METHODS),
-             overrides=args.overrides, progress=not args.no_progress)
+             overrides=args.overrides, progress=not args.no_progress, device=args.device)
     print(f"wrote {os.path.join(args.out, 'robustness.png')} and robustness.csv, table.md")
     return 0
 

@@ -25,8 +25,8 @@ METHODS = ["teacher", "clean", "noise", "kd", "consistency"]
 
 def test_demo_reduced_budget(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    assert main(["demo", "--out", out, "--epochs", "2", "--teacher-epochs", "4", "--draws", "3",
-                 "--no-progress"]) == 0
+    assert main(["demo", "--device", "cpu", "--out", out, "--epochs", "2", "--teacher-epochs", "4",
+                 "--draws", "3", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "| eta | teacher | clean | noise | kd | consistency |" in text
     assert "mean ± std over 3 noise draws" in text
@@ -50,14 +50,15 @@ def test_demo_reduced_budget(tmp_path, capsys):
         assert float(res[(m, 0.1)]["std"]) > 0.0
 
     # a second demo into its own folder replaces it
-    assert main(["demo", "--out", out, "--epochs", "1", "--teacher-epochs", "1", "--draws", "2", "--methods",
-                 "noise", "--no-progress"]) == 0
+    assert main(["demo", "--device", "cpu", "--out", out, "--epochs", "1", "--teacher-epochs", "1",
+                 "--draws", "2", "--methods", "noise", "--no-progress"]) == 0
     rows = list(csv.DictReader(open(os.path.join(out, "robustness.csv"))))
     assert {r["name"] for r in rows} == {"teacher", "noise"}
 
 
 def test_demo_is_deterministic(tmp_path, capsys):
-    args = ["--epochs", "1", "--teacher-epochs", "1", "--draws", "2", "--methods", "kd", "--no-progress"]
+    args = ["--device", "cpu", "--epochs", "1", "--teacher-epochs", "1", "--draws", "2", "--methods", "kd",
+            "--no-progress"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert main(["demo", "--out", a, *args]) == 0
     assert main(["demo", "--out", b, *args]) == 0

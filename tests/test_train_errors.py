@@ -122,7 +122,7 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
     assert _snapshot(out) == before
 
     # --overwrite replaces the run files (and keeps what is not ours); then the run exists
-    assert main([*args, "--overwrite"]) == 0
+    assert main([*args, "--overwrite", "--device", "cpu"]) == 0
     assert open(os.path.join(out, "notes.txt")).read() == "mine"
     done = _snapshot(out)
     assert "last.pt" in done and "model.pth" in done

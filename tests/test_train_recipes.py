@@ -101,8 +101,10 @@ def _check_run(out, steps, etas=(0.0, 0.1), noisy_val=True):
     assert ("val_top1_noisy" in metrics[0]) == noisy_val
 
 
-def _train(*args):
-    assert main(["train", *args]) == 0
+def _train(*args, device="cpu"):
+    """``fastnoise train`` on the CPU (also on a GPU machine: the exact-equality checks rely on
+    the CPU's deterministic kernels); GPU tests pass ``device="cuda"``."""
+    assert main(["train", *args, "--device", device]) == 0
 
 
 def _cifar_args(recipe, data, teacher):
@@ -128,14 +130,14 @@ def test_cifar_kd_recipe_resume_and_eval(cifar, tmp_path, capsys):
 
     # fastnoise eval on the run folder reproduces its table (same seed, same layer ids)
     capsys.readouterr()
-    assert main(["eval", "--run", full, "--no-progress"]) == 0
+    assert main(["eval", "--run", full, "--no-progress", "--device", "cpu"]) == 0
     assert "| 0.1 | 2 |" in capsys.readouterr().out
     assert _rows(os.path.join(full, "eval", "robustness.csv")) == _rows(os.path.join(full, "robustness.csv"))
     # and from the recipe and a weights file, with other etas
     ev = str(tmp_path / "ev")
     assert main(["eval", "--recipe", "cifar-resnet32-kd", "--data", data, "--weights",
                  os.path.join(full, "model.pth"), "--etas", "0", "0.05", "--draws", "3", "--out", ev,
-                 "--no-progress", "data.workers=0", "data.eval_batch_size=4"]) == 0
+                 "--no-progress", "data.workers=0", "data.eval_batch_size=4", "--device", "cpu"]) == 0
     rows = _rows(os.path.join(ev, "robustness.csv"))
     assert [r["eta"] for r in rows] == ["0.0", "0.05"] and rows[1]["draws"] == "3"
 
@@ -188,7 +190,7 @@ def test_imagenet_recipes_full_model_gpu(recipe, imagenet, tmp_path):
     out = str(tmp_path / "run")
     _write_imagefolder(os.path.join(str(tmp_path), "big"), size=256, train=8, val=4)
     _train("--recipe", recipe, "--data", os.path.join(str(tmp_path), "big"), f"teacher.weights={teacher}",
-           "data.batch_size=12", "data.eval_batch_size=12", "--out", out, *QUICK)
+           "data.batch_size=12", "data.eval_batch_size=12", "--out", out, *QUICK, device="cuda")
     _check_run(out, steps=2)
 
 

@@ -43,7 +43,7 @@ def _check_out(out: str) -> None:
 def run_demo(out: str = "fastnoise-demo", *, seed: int = 0, epochs: Optional[int] = None,
              teacher_epochs: Optional[int] = None, draws: int = 20, eta: Optional[float] = None,
              etas=DEMO_ETAS, methods=DEMO_METHODS, overrides=(), progress: bool = True,
-             log: Callable[[str], None] = print) -> dict:
+             device=None, log: Callable[[str], None] = print) -> dict:
     """Run the demo; returns ``{"results": {name: RobustnessResult}, "table": str, "out": out}``.
 
     A folder written by an earlier demo is replaced; any other existing folder is refused.
@@ -67,12 +67,12 @@ def run_demo(out: str = "fastnoise-demo", *, seed: int = 0, epochs: Optional[int
     # machine, waiting for a descheduled thread made each small op ~50x slower)
     torch.set_num_threads(1)
     try:
-        return _run(cfg, out, seed, draws, etas, methods, progress, log)
+        return _run(cfg, out, seed, draws, etas, methods, progress, device, log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg, out, seed, draws, etas, methods, progress, log) -> dict:
+def _run(cfg, out, seed, draws, etas, methods, progress, device, log) -> dict:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, MARKER), "w") as f:
         json.dump({"seed": seed, "methods": list(methods), "etas": list(etas), "draws": draws,
@@ -83,7 +83,8 @@ def _run(cfg, out, seed, draws, etas, methods, progress, log) -> dict:
     tcfg["eval"]["etas"] = []
     teacher_dir = os.path.join(out, "teacher")
     log(f"[demo] clean teacher: {cfg['model']['arch']}, {tcfg['schedule']['epochs']} epochs")
-    trainers = {"teacher": Trainer(tcfg, teacher_dir, overwrite=True, progress=progress, log=log)}
+    trainers = {"teacher": Trainer(tcfg, teacher_dir, overwrite=True, progress=progress, device=device,
+                                   log=log)}
     trainers["teacher"].fit()
     for m in methods:
         scfg = copy.deepcopy(cfg)
@@ -93,7 +94,8 @@ def _run(cfg, out, seed, draws, etas, methods, progress, log) -> dict:
         scfg["teacher"]["weights"] = os.path.join(teacher_dir, "model.pth")
         scfg["teacher"]["epochs"] = 0
         log(f"[demo] student '{m}' from the teacher, eta={scfg['noise']['eta']:g} ({scfg['noise']['scale']})")
-        trainers[m] = Trainer(scfg, os.path.join(out, m), overwrite=True, progress=progress, log=log)
+        trainers[m] = Trainer(scfg, os.path.join(out, m), overwrite=True, progress=progress, device=device,
+                              log=log)
         trainers[m].fit()
 
     results = {}
