@@ -3,6 +3,7 @@
 from . import functional
 from .context import noise
 from .modules import Conv2d, Linear, convert, load_noise_state_dict, noise_state_dict, noisy_layers, restore
+from .pregenerate import pregenerated
 from .rng import initial_seed, manual_seed
 from .robustness import RobustnessResult, evaluate_robustness
 from .spec import NoiseSpec
@@ -24,4 +25,5 @@ __all__ = [
     "functional",
     "evaluate_robustness",
     "RobustnessResult",
+    "pregenerated",
 ]
