@@ -17,20 +17,19 @@ BLOCK_C = 128
 
 
 @triton.jit
-def _noisy_weight_kernel(
-    w_ptr, out_ptr, sigma_ptr, offset_ptr, seed_lo, seed_hi, stream,
-    R, C, D2, D3,
-    sw0, sw1, sw2, sw3, so0, so1, so2, so3,
-    MODE: tl.constexpr, SIGMA_BY_COL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+def _noisy_tile(src, dst, sigma_ptr, seed_lo, seed_hi, offset, stream, pid_r, pid_c,
+                R, C, D2, D3, sw0, sw1, sw2, sw3, so0, so1, so2, so3, by_col,
+                MODE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Tile ``(pid_r, pid_c)`` of ``dst = src + sigma z``, the source seen as ``[R, D1, D2, D3]``
+    with ``C = D1 * D2 * D3`` canonical columns, read and written through strides. ``by_col``:
+    sigma is indexed by column (a bias seen as one row: each element has its channel's sigma).
+    """
     rows = pid_r * BR + tl.arange(0, BR)  # [BR]
     cols = pid_c * BC + tl.arange(0, BC)  # [BC]
     rmask = rows < R
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
-    # canonical column -> (i1, i2, i3) of a [R, D1, D2, D3] weight
+    # canonical column -> (i1, i2, i3)
     i3 = cols % D3
     t = cols // D3
     i2 = t % D2
@@ -38,14 +37,25 @@ def _noisy_weight_kernel(
     r64 = rows.to(tl.int64)[:, None]
     w_off = r64 * sw0 + (i1.to(tl.int64) * sw1 + i2 * sw2 + i3 * sw3)[None, :]
     o_off = r64 * so0 + (i1.to(tl.int64) * so1 + i2 * so2 + i3 * so3)[None, :]
-    w = tl.load(w_ptr + w_off, mask=mask, other=0.0).to(tl.float32)  # [BR, BC]
-    offset = tl.load(offset_ptr)
+    w = tl.load(src + w_off, mask=mask, other=0.0).to(tl.float32)  # [BR, BC]
     z = normal_tile(seed_lo, seed_hi, offset, stream, pid_r * BR, pid_c * BC, BR, BC)
-    if SIGMA_BY_COL:  # a bias seen as one row: its sigma is that of its channel (= column)
-        s = noise_scale(w, sigma_ptr, cols[None, :], cmask[None, :], MODE)
-    else:
-        s = noise_scale(w, sigma_ptr, rows[:, None], rmask[:, None], MODE)
-    tl.store(out_ptr + o_off, (w + s * z).to(out_ptr.dtype.element_ty), mask=mask)
+    chan = tl.where(by_col, cols[None, :], rows[:, None])  # [BR, BC]
+    chan_mask = tl.where(by_col, cmask[None, :], rmask[:, None])
+    s = noise_scale(w, sigma_ptr, chan, chan_mask, MODE)
+    tl.store(dst + o_off, (w + s * z).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _noisy_weight_kernel(
+    w_ptr, out_ptr, sigma_ptr, offset_ptr, seed_lo, seed_hi, stream,
+    R, C, D2, D3,
+    sw0, sw1, sw2, sw3, so0, so1, so2, so3,
+    MODE: tl.constexpr, SIGMA_BY_COL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):
+    offset = tl.load(offset_ptr)
+    _noisy_tile(w_ptr, out_ptr, sigma_ptr, seed_lo, seed_hi, offset, stream,
+                tl.program_id(0), tl.program_id(1), R, C, D2, D3, sw0, sw1, sw2, sw3,
+                so0, so1, so2, so3, SIGMA_BY_COL, MODE, BR, BC)
 
 
 def _dims4(t: torch.Tensor):
@@ -105,7 +115,8 @@ def _noisy_weights_multi_kernel(
     BR: tl.constexpr, BC: tl.constexpr,
 ):
     """Program ``pid`` writes tile ``pid - tile_start[e]`` of entry ``e``, the last entry whose
-    ``tile_start <= pid`` (found by bisection); the tile's math is that of ``_noisy_weight_kernel``.
+    ``tile_start <= pid`` (found by bisection); the tile math is ``_noisy_tile``, shared with
+    ``_noisy_weight_kernel``.
     """
     pid = tl.program_id(0)
     e = 0
@@ -128,30 +139,11 @@ def _noisy_weights_multi_kernel(
     D3 = tl.load(row + 10)
     local = pid - tl.load(tile_start_ptr + e)
     tiles_c = tl.load(row + 20)
-    pid_r = local // tiles_c
-    pid_c = local % tiles_c
-
-    rows = pid_r * BR + tl.arange(0, BR)  # [BR]
-    cols = pid_c * BC + tl.arange(0, BC)  # [BC]
-    rmask = rows < R
-    cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    i3 = cols % D3
-    t = cols // D3
-    i2 = t % D2
-    i1 = t // D2
-    r64 = rows.to(tl.int64)[:, None]
-    w_off = r64 * tl.load(row + 11) + (i1 * tl.load(row + 12) + i2 * tl.load(row + 13)
-                                       + i3 * tl.load(row + 14))[None, :]
-    o_off = tl.load(row + 19) + r64 * tl.load(row + 15) + (
-        i1 * tl.load(row + 16) + i2 * tl.load(row + 17) + i3 * tl.load(row + 18))[None, :]
-    w = tl.load(src + w_off, mask=mask, other=0.0).to(tl.float32)  # [BR, BC]
-    z = normal_tile(seed_lo, seed_hi, offset, stream, pid_r * BR, pid_c * BC, BR, BC)
-    by_col = tl.load(row + 21) != 0  # a bias: sigma of each column's channel
-    chan = tl.where(by_col, cols[None, :], rows[:, None])
-    chan_mask = tl.where(by_col, cmask[None, :], rmask[:, None])
-    s = noise_scale(w, sigma_ptr, chan, chan_mask, MODE)
-    tl.store(out_ptr + o_off, (w + s * z).to(out_ptr.dtype.element_ty), mask=mask)
+    _noisy_tile(src, out_ptr + tl.load(row + 19), sigma_ptr, seed_lo, seed_hi, offset, stream,
+                local // tiles_c, local % tiles_c, R, C, D2, D3,
+                tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14),
+                tl.load(row + 15), tl.load(row + 16), tl.load(row + 17), tl.load(row + 18),
+                tl.load(row + 21) != 0, MODE, BR, BC)
 
 
 _empty = torch.empty  # the flat output's allocator (tests pre-fill it with NaN)
