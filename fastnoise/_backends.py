@@ -27,3 +27,15 @@ def conv2d_impl(path, x, weight, geometry, backward=False):
     from ._backends_conv import choose
 
     return choose(path, x, weight, geometry, backward)
+
+
+def generated_bias(bias, sigma, mode, noise_bias, seed, offset, dtype):
+    """The bias a ``generate`` path adds: ``b + sigma z_b`` from the Triton kernel when the spec
+    noises the bias, else ``b`` in the compute dtype; None stays None."""
+    if bias is None:
+        return None
+    if noise_bias:
+        from .kernels import noise_gen
+
+        return noise_gen.noisy_bias(bias, sigma, mode, seed, offset, dtype)
+    return bias.detach().to(dtype)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from ._backends import REFERENCE_CONV2D
+from ._backends import REFERENCE_CONV2D, generated_bias
 
 # Largest output M = N * OH * OW for which `auto` takes the fused kernel. A provisional value
 # from the performance model of the design notes (in-kernel noise costs one |W| of normals per
@@ -76,12 +76,7 @@ def _generate_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, st
     from .kernels import noise_gen
 
     wn = noise_gen.noisy_weight(weight, sigma, mode, seed, offset, x.dtype)
-    if bias is None:
-        b = None
-    elif noise_bias:
-        b = noise_gen.noisy_bias(bias, sigma, mode, seed, offset, x.dtype)
-    else:
-        b = bias.detach().to(x.dtype)
+    b = generated_bias(bias, sigma, mode, noise_bias, seed, offset, x.dtype)
     y = F.conv2d(x, wn, b, stride, padding, dilation, groups)
     del wn  # short-lived: back to the caching allocator before the next layer
     return y

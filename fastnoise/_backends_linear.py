@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, reference
-from ._backends import REFERENCE_LINEAR
+from ._backends import REFERENCE_LINEAR, generated_bias
 
 # ``auto`` on CUDA: the fused kernel while the rows of the product (M = batch * tokens for the
 # forward, the same M for the input gradient) fit in this many, cuBLAS on a generated buffer
@@ -46,12 +46,7 @@ def _generate_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset):
     from .kernels import noise_gen
 
     wn = noise_gen.noisy_weight(weight, sigma, mode, seed, offset, x.dtype)
-    if bias is None:
-        b = None
-    elif noise_bias:
-        b = noise_gen.noisy_bias(bias, sigma, mode, seed, offset, x.dtype)
-    else:
-        b = bias.detach().to(x.dtype)
+    b = generated_bias(bias, sigma, mode, noise_bias, seed, offset, x.dtype)
     y = F.linear(x, wn, b)
     del wn  # |W| in the compute dtype, freed before the next layer allocates its own
     return y

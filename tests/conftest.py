@@ -33,3 +33,12 @@ def _seeded():
     torch.manual_seed(0)
     fastnoise.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Small models: one intra-op thread is as fast on an idle machine and far faster on a busy one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

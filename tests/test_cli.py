@@ -5,19 +5,11 @@ import os
 from importlib import metadata
 
 import pytest
-import torch
 
 from fastnoise.cli import main
 from fastnoise.train.demo import DEMO_ETAS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one intra-op thread is as fast on an idle machine and far faster on a busy one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 METHODS = ["teacher", "clean", "noise", "kd", "consistency"]

@@ -8,14 +8,7 @@ import torch
 from fastnoise.cli import main
 from fastnoise.train.models import DigitsCNN, build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one intra-op thread is as fast on an idle machine and far faster on a busy one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["model.arch=digits_mlp", "teacher.epochs=0", "schedule.epochs=1", "data.batch_size=700",

@@ -18,14 +18,7 @@ import fastnoise
 from fastnoise.cli import main
 from fastnoise.train.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one intra-op thread is as fast on an idle machine and far faster on a busy one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 QUICK = ["--no-progress", "schedule.epochs=1", "eval.etas=[0.0, 0.1]", "eval.draws=2", "eval.epoch_draws=1",
