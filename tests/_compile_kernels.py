@@ -430,6 +430,8 @@ def compile_job(job):
     cubin = ck.asm.get("cubin", b"")
     res.update(ok=True, cubin_bytes=len(cubin), cubin_elf=cubin[:4] == b"\x7fELF")
     text = log.getvalue()
+    at = text.find(f"Function properties for {fn.__name__}")  # the kernel's own section
+    text = text[at:] if at >= 0 else text
     regs, spills, stack = _REG.search(text), _SPILL.search(text), _STACK.search(text)
     if regs:
         res.update(source="ptxas -v", n_regs=int(regs.group(1)),

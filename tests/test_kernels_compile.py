@@ -11,12 +11,14 @@ every noise mode, the bias / noise-bias flags, split-K, the depthwise kernel and
 the modules' autotune lists. ``FASTNOISE_COMPILE_FULL=1`` widens it to every config in every
 dtype and mode (minutes: for a many-core machine); ``-s`` prints registers and spills.
 
-Spills are recorded, not asserted. Only ``noisy_matmul``'s comment claims spill-free configs
-(all but the last, in 16-bit); as measured here with Triton 3.8's ptxas, its forward is spill-free
-in every 16-bit config, its input gradient spills 8-24 bytes in the first config only, the
-depthwise conv spills ~440 bytes in every dtype, the implicit-GEMM conv spills in every config but
-the first in bf16 and ~1.3 KB in float32 (IEEE dots), and noise_gen spills 4 bytes for a
-channels_last weight. The 32-byte stack frame every kernel has is libdevice's sin/cos slow path.
+Spills are recorded, not asserted (``n_spills`` = ptxas's spill-store bytes / 4). The only
+spill-free claim in the code is ``noisy_matmul``'s (16-bit: all configs but the last). Measured
+with Triton 3.8's ptxas over the FULL tier: 16-bit matmul forward spills in no config; its input
+gradient spills 1-6 in the first two configs and none in the others (the last included);
+float32 matmul (IEEE dots) spills in most configs, up to ~2700 with BM128 BP128 BR32. The
+implicit-GEMM conv is spill-free in 16-bit only with its first config (BM32 BN64 BK64; 20-190
+in the others) and spills 260-4100 in float32; the depthwise conv spills ~100 in every dtype;
+noise_gen spills 0-1. The 32-byte stack frame of every kernel is libdevice's sin/cos slow path.
 """
 
 import importlib.util
