@@ -129,8 +129,16 @@ def output_pixels(x, weight, geometry) -> int:
     return n * oh * ow
 
 
+# float32: the fused kernel multiplies float32 in IEEE precision on the FMA units, where ptxas
+# spills hundreds of registers for sm_90 (tests/test_kernels_compile.py -s), so `auto` keeps
+# cuDNN on a generated buffer (which also follows torch.backends.cudnn.allow_tf32).
+FUSED_FLOAT32 = False
+
+
 def auto_path(x, weight, geometry) -> str:
     """``fused`` or ``generate`` for a CUDA conv (see the module docstring)."""
+    if x.dtype == torch.float32 and not FUSED_FLOAT32:
+        return "generate"
     if (output_pixels(x, weight, geometry) <= FUSED_MAX_OUTPUT_PIXELS
             and weight.numel() >= FUSED_MIN_WEIGHT_NUMEL):
         return "fused"

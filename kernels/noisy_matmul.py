@@ -55,8 +55,10 @@ def _configs():
     cfg = lambda bm, bp, br, w, s: triton.Config({"BM": bm, "BP": bp, "BR": br}, num_warps=w,
                                                  num_stages=s)
     # the Philox state of a [BP, BR] noise tile is what fills the registers, so bigger tiles get
-    # more warps; for sm_90 (ptxas, Triton 3.8) all but the last compile without spills in 16-bit
-    # (float32 without TF32 spills: the dispatcher sends it to cuBLAS). Kept short: each config
+    # more warps. ptxas for sm_90 (Triton 3.8, tests/test_kernels_compile.py -s): in 16-bit every
+    # forward config compiles without spills; the dX direction spills a few bytes with (16, 32, 64)
+    # and (16, 64, 32); float32 without TF32 spills heavily (the dispatcher sends it to cuBLAS).
+    # Kept short: each config
     # compiles once per dtype / direction / bias variant on first use.
     return [
         # few M-tiles: many small output tiles, each drawing a thin slice of the noise

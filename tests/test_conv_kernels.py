@@ -258,14 +258,17 @@ def test_float64_falls_back_to_the_reference_with_a_warning():
 
 def test_auto_path_thresholds():
     geo = ([1, 1], [1, 1], [1, 1], 1)
-    w = torch.empty(512, 512, 3, 3, device="meta")
-    small = torch.empty(1, 512, 7, 7, device="meta")  # M = 49
-    large = torch.empty(32, 512, 7, 7, device="meta")  # M = 1568
+    bf16 = {"device": "meta", "dtype": torch.bfloat16}
+    w = torch.empty(512, 512, 3, 3, **bf16)
+    small = torch.empty(1, 512, 7, 7, **bf16)  # M = 49
+    large = torch.empty(32, 512, 7, 7, **bf16)  # M = 1568
     assert backends.output_pixels(small, w, geo) == 49
     assert backends.auto_path(small, w, geo) == "fused"
     assert backends.auto_path(large, w, geo) == "generate"
-    tiny_w = torch.empty(8, 8, 3, 3, device="meta")  # below FUSED_MIN_WEIGHT_NUMEL
-    assert backends.auto_path(torch.empty(1, 8, 7, 7, device="meta"), tiny_w, geo) == "generate"
+    tiny_w = torch.empty(8, 8, 3, 3, **bf16)  # below FUSED_MIN_WEIGHT_NUMEL
+    assert backends.auto_path(torch.empty(1, 8, 7, 7, **bf16), tiny_w, geo) == "generate"
+    # float32 stays on cuDNN (the fused kernel's IEEE float32 dot spills on sm_90)
+    assert backends.auto_path(small.float(), w.float(), geo) == "generate"
 
 
 def test_output_memory_format_follows_conv2d():
