@@ -65,12 +65,23 @@ class _NoisyMixin:
             seed = rng.mix64(rng.initial_seed(), self.noise_id)
             if not advance:
                 return spec, seed, self.noise_calls
-            # advance by a new tensor, not add_: the offset saved for backward is then never
-            # written, which torch.compile needs (its partitioner may recompute a clone of a
-            # buffer in the backward, after an in-place update; pytorch/pytorch PR 197039)
-            offset = self.noise_calls
-            self.noise_calls = offset + 1
+            offset = self._advance_calls()
         return spec, seed, offset
+
+    def _advance_calls(self) -> torch.Tensor:
+        """This call's offset (the counter's value) and the counter moved on by one."""
+        calls = self.noise_calls
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+            # a tensor made here would be an inference tensor, which a later training forward
+            # could not save for backward: keep the buffer a normal tensor, update it in place
+            offset = calls.clone()
+            calls.add_(1)
+            return offset
+        # otherwise advance by a new tensor, not add_: the offset saved for backward is then never
+        # written, which torch.compile needs (its partitioner may recompute a clone of a buffer
+        # in the backward, after an in-place update; pytorch/pytorch PR 197039)
+        self.noise_calls = calls + 1
+        return calls
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, spec={self.spec}"

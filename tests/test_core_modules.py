@@ -204,3 +204,17 @@ def test_noise_state_round_trip():
     assert torch.equal(model(x), a)
     with pytest.raises(ValueError, match="missing"):
         fastnoise.load_noise_state_dict(model, {"0": state["0"]})
+
+
+def test_noisy_passes_in_inference_mode_then_training():
+    """Counters advanced under inference_mode stay normal tensors that backward can save."""
+    lin = fastnoise.Linear(8, 4)
+    x = torch.randn(2, 8)
+    with torch.inference_mode(), fastnoise.noise():
+        a = lin(x)
+    assert int(lin.noise_calls) == 1 and not lin.noise_calls.is_inference()
+    lin.train()
+    b = lin(x)
+    b.sum().backward()
+    assert lin.weight.grad is not None and int(lin.noise_calls) == 2
+    assert not torch.allclose(a, b)  # a new call, a new draw
