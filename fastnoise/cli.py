@@ -84,20 +84,27 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _run_config(folder, data, overrides, missing: str) -> dict:
+    """A run folder's saved settings (over the defaults), with --data and key=value overrides."""
+    from .train.recipes import ConfigError, apply_overrides, load_recipe, validate
+
+    saved = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(saved):
+        raise ConfigError(missing.format(folder))
+    cfg = load_recipe(saved)
+    if data is not None:
+        cfg["data"]["root"] = data
+    return validate(apply_overrides(cfg, overrides))
+
+
 def _cmd_train(args) -> int:
-    from .train.recipes import ConfigError, apply_overrides, load_recipe, resolve, validate
+    from .train.recipes import ConfigError, resolve
     from .train.trainer import Trainer
 
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out RUN_FOLDER")
-        saved = os.path.join(args.out, "config.yaml")
-        if not os.path.isfile(saved):
-            raise ConfigError(f"cannot resume: {args.out!r} has no config.yaml")
-        cfg = load_recipe(saved)  # the run's settings over the defaults
-        if args.data is not None:
-            cfg["data"]["root"] = args.data
-        cfg = validate(apply_overrides(cfg, args.overrides))
+        cfg = _run_config(args.out, args.data, args.overrides, "cannot resume: {!r} has no config.yaml")
         if args.recipe is not None and resolve(args.recipe)["name"] != cfg["name"]:
             raise ConfigError(f"--recipe {args.recipe!r} is not the recipe of {args.out!r} ({cfg['name']!r})")
     else:
@@ -121,16 +128,10 @@ def _cmd_eval(args) -> int:
     from .train import distributed
     from .train.data import build_data, eval_loader
     from .train.models import CLASSIFIER, build_model
-    from .train.recipes import ConfigError, apply_overrides, load_recipe, resolve, validate
+    from .train.recipes import ConfigError, resolve
 
     if args.run is not None:
-        saved = os.path.join(args.run, "config.yaml")
-        if not os.path.isfile(saved):
-            raise ConfigError(f"{args.run!r} is not a run folder: no config.yaml")
-        cfg = load_recipe(saved)  # the run's settings over the defaults
-        if args.data is not None:
-            cfg["data"]["root"] = args.data
-        cfg = validate(apply_overrides(cfg, args.overrides))
+        cfg = _run_config(args.run, args.data, args.overrides, "{!r} is not a run folder: no config.yaml")
         weights = args.weights
         if weights is None:
             model_file = os.path.join(args.run, "model.pth")
