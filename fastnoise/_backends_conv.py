@@ -37,7 +37,6 @@ FUSED_MAX_OUTPUT_PIXELS = 256
 # hard to beat, so `auto` keeps generate. Provisional, set by the same benchmark.
 FUSED_MIN_WEIGHT_NUMEL = 4096
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def grad_memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -116,10 +115,10 @@ FUSED_CONV2D = SimpleNamespace(name="fused", forward=_fused_forward, backward=_g
 
 def conv_output_shape(x, weight, geometry) -> tuple:
     """``(N, Cout, OH, OW)``."""
+    from .functional import _conv_out_hw  # lazily: functional imports this module
+
     stride, padding, dilation, _ = geometry
-    kh, kw = weight.shape[2], weight.shape[3]
-    oh = (x.shape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (x.shape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    oh, ow = _conv_out_hw(x.shape[-2], x.shape[-1], weight, stride, padding, dilation)
     return x.shape[0], weight.shape[0], max(oh, 0), max(ow, 0)
 
 
@@ -150,7 +149,7 @@ def choose(path, x, weight, geometry, backward=False):
     if path == "reference":
         return REFERENCE_CONV2D
     ok, why = dispatch.triton_usable(x)
-    if ok and (x.dtype not in _KERNEL_DTYPES or weight.dtype not in _KERNEL_DTYPES):
+    if ok and (x.dtype not in dispatch.KERNEL_DTYPES or weight.dtype not in dispatch.KERNEL_DTYPES):
         ok, why = False, f"Triton conv kernels take float16/bfloat16/float32, got {x.dtype}"
     if not ok:
         if path != "auto":

@@ -33,7 +33,6 @@ FUSED_MAX_M = 64
 # bench/gpu_linear.py's auto_vs_best rows say otherwise. With TF32 on, float32 goes by M.
 FUSED_FP32_NEEDS_TF32 = True
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _rows(t: torch.Tensor) -> int:
@@ -110,7 +109,7 @@ def choose(path, x, weight, backward=False):
     if path == "auto" and x.device.type != "cuda":
         return REFERENCE_LINEAR
     ok, why = dispatch.triton_usable(x)
-    if ok and x.dtype not in _KERNEL_DTYPES:
+    if ok and x.dtype not in dispatch.KERNEL_DTYPES:
         ok, why = False, f"the kernels take float16, bfloat16 or float32, got {x.dtype}"
     if not ok:
         if path != "auto":

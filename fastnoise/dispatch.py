@@ -20,6 +20,8 @@ import warnings
 import torch
 
 PATHS = ("auto", "reference", "fused", "generate")
+# what the Triton kernels compute in (float64 always takes the reference)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _warned: set[str] = set()
 

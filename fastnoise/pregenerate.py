@@ -38,7 +38,6 @@ from . import context, dispatch, reference, rng
 
 __all__ = ["pregenerated", "noisy_weights"]
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass
@@ -95,7 +94,8 @@ def _generate(jobs: list) -> list:
     by_dtype: dict = {}
     for i, (layer, _spec, _seed, _offset, dtype) in enumerate(jobs):
         w = layer.weight
-        ok = (dispatch.triton_usable(w)[0] and dtype in _KERNEL_DTYPES and w.dtype in _KERNEL_DTYPES)
+        ok = (dispatch.triton_usable(w)[0] and dtype in dispatch.KERNEL_DTYPES
+              and w.dtype in dispatch.KERNEL_DTYPES)
         by_dtype.setdefault((dtype, ok, w.device), []).append(i)
     for (dtype, use_kernel, _), idx in by_dtype.items():
         tensors, sigmas, modes, seeds, offsets, streams, slots = [], [], [], [], [], [], []

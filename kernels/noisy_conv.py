@@ -32,21 +32,19 @@ calls ``aten.convolution_backward`` (see :mod:`fastnoise._backends_conv`).
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from fastnoise._backends_conv import conv_output_memory_format
+from fastnoise.dispatch import triton_interpret
 
 from .philox import noise_scale, normal_at, normal_tile
 
 __all__ = ["noisy_conv2d_fwd"]
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -90,7 +88,7 @@ _MAX_SPLIT_K = 16
 
 
 @triton.autotune(
-    configs=_INTERPRET_CONFIGS if _interpret() else _CONFIGS,
+    configs=_INTERPRET_CONFIGS if triton_interpret() else _CONFIGS,
     key=["M_BUCKET", "COUT_G", "CIN_G", "KH", "KW", "ATOMIC"],
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["y_ptr"],  # split-K adds into y: keep autotuning runs from accumulating
@@ -296,7 +294,7 @@ def noisy_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias, sigma: torch.T
             *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(),
             *geometry,
             KH=kh, KW=kw, MODE=mode, HAS_BIAS=has_bias, NOISE_BIAS=bool(noise_bias and has_bias),
-            INTERPRET=_interpret(), BM=_DW_BM, BC=_DW_BC,
+            INTERPRET=triton_interpret(), BM=_DW_BM, BC=_DW_BC,
         )
         return y
 
@@ -311,7 +309,7 @@ def noisy_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias, sigma: torch.T
         *x.stride(), *weight.stride(), *acc.stride(),
         *geometry,
         KH=kh, KW=kw, MODE=mode, HAS_BIAS=has_bias, NOISE_BIAS=bool(noise_bias and has_bias),
-        ATOMIC=split_k > 1, INTERPRET=_interpret(),
+        ATOMIC=split_k > 1, INTERPRET=triton_interpret(),
     )
     if acc is not y:
         y.copy_(acc)

@@ -27,11 +27,12 @@ results are deterministic).
 float64 is not handled here: the dispatcher routes it to the reference.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastnoise.dispatch import triton_interpret
 
 from .philox import noise_scale, normal_tile
 
@@ -43,13 +44,11 @@ GROUP_M = 8  # M-tiles that share a band of weight tiles (L2 reuse)
 CHUNK_ALIGN = 128
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs():
     """Autotune list: small BM/BP spread the noise generation of few M-tiles over all SMs."""
-    if _interpret():
+    if triton_interpret():
         # one config; the interpreter's cost is per tile step, not per element: big tiles
         return [triton.Config({"BM": 64, "BP": 256, "BR": 256}, num_warps=4, num_stages=1)]
     cfg = lambda bm, bp, br, w, s: triton.Config({"BM": bm, "BP": bp, "BR": br}, num_warps=w,
@@ -272,8 +271,8 @@ def _launch(a, w, out_shape, bias, sigma, mode, noise_bias, seed, offset, trans_
         s_ab, s_at, s_ar, w.stride(0), w.stride(1), s_os, s_om, s_op,
         MODE=mode, TRANS_W=trans_w, HAS_BIAS=bias is not None, NOISE_BIAS=bool(noise_bias),
         DOT_IEEE=_dot_ieee(a.dtype),
-        DOT_UPCAST=_interpret() and a.dtype == torch.bfloat16,
-        EMULATE_RTNE=_interpret() and a.dtype == torch.bfloat16,
+        DOT_UPCAST=triton_interpret() and a.dtype == torch.bfloat16,
+        EMULATE_RTNE=triton_interpret() and a.dtype == torch.bfloat16,
         GROUP=GROUP_M,
     )
     if split > 1:
