@@ -1,4 +1,4 @@
-"""Comparison helpers shared by the tests and the benchmarks' correctness checks.
+"""Comparison helpers shared by the tests and the benchmarks' correctness checks, and an op counter.
 
 Tolerances follow one rule (flash-attn style): compare the kernel and a same-dtype PyTorch
 computation against an upcast reference; the kernel may be at most ``factor`` times worse
@@ -7,9 +7,12 @@ than PyTorch, plus a small absolute floor tied to the dtype.
 
 from __future__ import annotations
 
-import torch
+import collections
 
-__all__ = ["ATOL", "assert_close_to_reference", "nan_like"]
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["ATOL", "assert_close_to_reference", "nan_like", "count_ops"]
 
 # absolute floors, used when the same-dtype PyTorch error happens to be ~0
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -36,3 +39,25 @@ def assert_close_to_reference(out: torch.Tensor, torch_out: torch.Tensor, upcast
 def nan_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer pre-filled with NaN, so an unwritten element fails a comparison."""
     return torch.full_like(t, float("nan"))
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn, *args, **kwargs) -> collections.Counter:
+    """``{op: calls}`` of the ops ``fn(*args, **kwargs)`` dispatches, e.g. ``{"aten.aminmax": 1}``.
+
+    Counted below autograd, at the top level only: a custom op (``fastnoise.noisy_linear``) is one
+    op, the ops inside it are not counted. Each op is at least one launch on a GPU (views and
+    ``detach`` none), so the counts measure a forward's per-call overhead on any device.
+    """
+    with _OpCounter() as counter:
+        fn(*args, **kwargs)
+    return counter.counts
