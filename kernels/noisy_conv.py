@@ -13,10 +13,10 @@ column ``k = ci * KH * KW + r * KW + s`` of the weight's GEMM view ``[Cout, K]``
 weight is rounded once to the compute dtype (that of ``x``), as the reference does.
 
 The K loop runs over canonical columns, ``BK`` at a time, so a weight tile's noise is one
-``normal_tile`` (one Philox call per 4 weights); each column is decomposed into ``(ci, r, s)``
+``normal_tile`` (one Philox call per 8 weights); each column is decomposed into ``(ci, r, s)``
 to gather the input tile element by element. An ``(r, s, ci-block)`` order would read NHWC
 inputs in contiguous channel runs, but its canonical columns are ``KH * KW`` apart, so its noise
-would need ``normal_at`` per element: 4x the RNG, and RNG, not memory, is what this path pays
+would need ``normal_at`` per element: 8x the Philox calls, and RNG, not memory, is what this path pays
 for. Every M-tile redraws the noise of the weight tiles it reads, ``ceil(M / BM) * |W|`` normals
 in all, so this path is for small outputs (batch 1-8, late ResNet stages), where the input is
 small and L2-resident and the per-element gather is cheap; large outputs generate

@@ -40,7 +40,7 @@ __all__ = ["noisy_matmul_fwd", "noisy_matmul_dx", "split_for"]
 
 GROUP_M = 8  # M-tiles that share a band of weight tiles (L2 reuse)
 # a split's reduction range starts at a multiple of this: tile columns then start at multiples
-# of 4 (normal_tile's rule), and of BR for the GPU configs (BR <= 128): no partial tiles
+# of 8 (normal_tile's rule), and of BR for the GPU configs (BR <= 128): no partial tiles
 CHUNK_ALIGN = 128
 
 

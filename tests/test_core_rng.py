@@ -29,12 +29,25 @@ def test_philox_known_answers(ctr, key, rounds, want):
 
 
 def test_normal_is_box_muller_of_philox_by_hand():
-    seed, offset, r, c = (7 << 32) | 11, 3, 5, 9  # column 9 = group 2, lane 1
-    x = [int(v) for v in rng.philox4x32(c // 4, r, rng.STREAM_WEIGHT, offset, 11, 7)]
-    u = [((v >> 9) * 2 + 1) * 2.0**-24 for v in x]
-    expected = np.sqrt(-2 * np.log(u[0])) * np.sin(2 * np.pi * u[1])  # lane 1 -> n1
-    z = rng.normal_grid(seed, offset, r + 1, c + 1)
-    assert abs(z[r, c].item() - expected) < 1e-6
+    seed, offset, r = (7 << 32) | 11, 3, 5
+    z = rng.normal_grid(seed, offset, r + 1, 24)
+    for c in (0, 9, 12, 23):  # group c // 8, word (c % 8) // 2, cos for even c, sin for odd c
+        x = int(rng.philox4x32(c // 8, r, rng.STREAM_WEIGHT, offset, 11, 7)[(c % 8) // 2])
+        a = ((x & 0xFFFF) + 0.5) / 65536
+        b = ((x >> 16) + 0.5) / 65536
+        trig = np.cos if c % 2 == 0 else np.sin
+        expected = np.sqrt(-2 * np.log(a)) * trig(2 * np.pi * b)
+        assert abs(z[r, c].item() - expected) < 1e-6, c
+
+
+def test_bound_and_extremes():
+    """|z| <= Z_MAX = sqrt(-2 ln 2**-17); the bound is reached by the smallest 16-bit radius."""
+    assert rng.Z_MAX == pytest.approx(np.sqrt(-2 * np.log(2.0**-17)))
+    x = torch.tensor([0x00000000, 0x40000000, 0x0000FFFF], dtype=torch.int64)  # angle 0 / ~90 deg
+    cos, sin = rng._box_muller(x)
+    assert cos[0].item() == pytest.approx(rng.Z_MAX, rel=1e-4)  # theta = 2 pi * 2**-17
+    assert sin[1].item() == pytest.approx(rng.Z_MAX, rel=1e-4)  # theta ~ pi / 2
+    assert abs(cos[2].item()) < 4e-3  # the largest 16-bit value: the smallest radius, 2**-8
 
 
 N_STATS = 1 << 21  # 2M draws
@@ -55,6 +68,15 @@ def test_moments(big_sample):
     assert abs(stats.kurtosis(z)) < 6 * np.sqrt(24 / n)
 
 
+def test_tail_mass(big_sample):
+    """16-bit radii: the tails still carry N(0, 1)'s mass (binomial 6-sigma bounds)."""
+    n = big_sample.size
+    for t in (2.0, 3.0, 4.0):
+        p = 2 * stats.norm.sf(t)
+        count = int((np.abs(big_sample) > t).sum())
+        assert abs(count - n * p) < 6 * np.sqrt(n * p * (1 - p)) + 1, (t, count, n * p)
+
+
 def test_kolmogorov_smirnov(big_sample):
     assert stats.kstest(big_sample, "norm").pvalue > 1e-3
     # and a handful of other seeds, smaller samples
@@ -72,10 +94,14 @@ def test_no_correlation_between_neighbours():
     bound = 6 / np.sqrt(z.numel())
     assert abs(_corr(z[:, :-1], z[:, 1:])) < bound  # neighbouring columns (lanes of a group too)
     assert abs(_corr(z[:-1], z[1:])) < bound  # neighbouring rows
-    for lane_a, lane_b in [(0, 1), (0, 2), (1, 3), (2, 3)]:  # the four outputs of one Philox call
-        assert abs(_corr(z[:, lane_a::4], z[:, lane_b::4])) < 4 * bound
-    # squares too: Box-Muller pairs share a radius
-    assert abs(_corr(z[:, 0::4] ** 2, z[:, 1::4] ** 2)) < 4 * bound
+    per = rng.NORMALS_PER_CALL
+    lane_bound = 6 / np.sqrt(z.numel() / per)  # 6 sigma for one lane's column count
+    for lane_a in range(per):  # the eight outputs of one Philox call, pairwise
+        for lane_b in range(lane_a + 1, per):
+            assert abs(_corr(z[:, lane_a::per], z[:, lane_b::per])) < lane_bound
+    # squares too: a Box-Muller pair shares a radius, the words of a call share nothing
+    for lane_a, lane_b in [(0, 1), (2, 3), (0, 2), (1, 7)]:
+        assert abs(_corr(z[:, lane_a::per] ** 2, z[:, lane_b::per] ** 2)) < lane_bound
 
 
 def test_no_correlation_between_seeds_calls_streams():
@@ -137,4 +163,4 @@ def test_any_region_is_the_same_stream(seed, offset, rows, cols, row_start):
     sub = rng.normal_grid(seed, offset, rows, cols, row_start=row_start)
     big = rng.normal_grid(seed, offset, rows + 1, cols + 5, row_start=row_start)
     assert torch.equal(sub, big[:rows, :cols])
-    assert torch.isfinite(sub).all() and sub.abs().max() <= 5.78  # u >= 2**-24 bounds |z|
+    assert torch.isfinite(sub).all() and sub.abs().max() <= rng.Z_MAX + 1e-6  # a >= 2**-17 bounds |z|
