@@ -62,14 +62,19 @@ def _round(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
 
 
 # Tile configs: a starting set for H100-class GPUs, to be pruned by `bench/test_bench_conv.py`.
-# Under the interpreter (CPU tests) one small config, so nothing is autotuned there.
+# Chosen so that ptxas (sm_90, Triton 3.8; tests/test_kernels_compile.py -s) spills in none of
+# them in 16-bit and under autocast: the gather's int64 offsets and masks ([BM, BK] per step)
+# fill the registers, so every tile above 16x64x32 gets 8 warps (with 4 warps, 64x64x64,
+# 128x64x32 and 128x128x32 spilled 98-215 registers). Under the interpreter (CPU tests) one
+# small config, so nothing is autotuned there.
 _CONFIGS = [
-    triton.Config({"BM": 32, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 64, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 64, "BN": 128, "BK": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 128, "BN": 64, "BK": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 16, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 16, "BN": 64, "BK": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 16, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 32, "BN": 64, "BK": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 32, "BN": 128, "BK": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 64, "BN": 64, "BK": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 64, "BN": 128, "BK": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 64, "BK": 32}, num_warps=8, num_stages=3),
 ]
 _INTERPRET_CONFIGS = [triton.Config({"BM": 32, "BN": 16, "BK": 16}, num_warps=4, num_stages=1)]
 
@@ -233,7 +238,7 @@ def _noisy_dwconv_fwd_kernel(
              mask=mmask[:, None] & cmask[None, :])
 
 
-_DW_BM = 64
+_DW_BM = 32  # 32 x 32 with 4 warps: no spills in any dtype (64 x 32 spilled ~20)
 _DW_BC = 32
 
 
