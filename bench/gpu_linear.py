@@ -10,7 +10,8 @@
    ok when <= 1.
 2. the noise read back from the fused kernel (identity input, zero weight, sigma = 1): equal to
    ``rng.normal_grid`` and N(0, 1) by moments and Kolmogorov-Smirnov.
-3. timings (median of ``triton.testing.do_bench``, ms), forward and forward+backward, of
+3. the noise generation rate (normals/s of the generation kernel and of ``torch.randn_like``);
+   timings (median of ``triton.testing.do_bench``, ms), forward and forward+backward, of
    ``clean`` (``x @ w.t()``), ``naive`` (``x @ (w + s * randn_like(w)).t()``, s a precomputed
    float) and fastnoise ``fused`` / ``generate`` / ``auto`` (sigma computed in every call), with
    the issue's targets: auto faster than naive everywhere, forward <= 0.5x naive at M <= 64,
@@ -235,6 +236,28 @@ def timings(quick: bool, device: str) -> tuple[list, list]:
     return rows, records
 
 
+def rng_rate(quick: bool, device: str) -> tuple[list, dict]:
+    """Normals per second: the generation kernel (``W + sigma z`` of one bf16 weight, read and
+    written) and ``torch.randn_like`` (normals only), side by side. RNG is the lever of the
+    noisy matmul (DESIGN.md: 300-380 G/s with the earlier stream, randn_like 380-430 G/s)."""
+    from fastnoise.kernels import noise_gen
+
+    n = 256 if quick else 8192
+    w = (torch.randn(n, n, device=device) / n**0.5).to(BF16)
+    sigma = torch.full((1,), 0.01, device=device)
+    off = torch.tensor([OFFSET], device=device)
+    ms = {
+        "noise_gen": time_ms(lambda: noise_gen.noisy_weight(w, sigma, 0, SEED, off, BF16), device),
+        "randn_like": time_ms(lambda: torch.randn_like(w), device),
+        "copy": time_ms(lambda: w.clone(), device),
+    }
+    rate = {k: w.numel() / (v * 1e-3) / 1e9 for k, v in ms.items() if k != "copy"}
+    rows = [_row(f"bf16 {n}x{n} {k}", "G_normals_per_s", v, None, True) for k, v in rate.items()]
+    rows.append(_row(f"bf16 {n}x{n} noise_gen", "ratio_vs_copy", ms["noise_gen"] / ms["copy"],
+                     None, True))
+    return rows, {"n": n, "ms": ms, "g_normals_per_s": rate}
+
+
 def crossover(device: str) -> tuple[list, list]:
     """Forward ms of fused vs generate over M (bf16, N = K = 4096): where FUSED_MAX_M belongs."""
     spec = NoiseSpec(ETA, "range")
@@ -352,6 +375,8 @@ def run(out_dir: str, quick: bool = False) -> list[dict]:
     part_rows, result["correctness"] = correctness(quick, device)
     rows += part_rows
     part_rows, result["noise"] = noise_check(quick, device)
+    rows += part_rows
+    part_rows, result["rng_rate"] = rng_rate(quick, device)
     rows += part_rows
     part_rows, result["timings"] = timings(quick, device)
     rows += part_rows
