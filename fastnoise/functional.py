@@ -8,21 +8,32 @@ offset.
 
 The ops are registered with ``torch.library`` (``torch.ops.fastnoise.*``) so
 ``torch.compile(fullgraph=True)`` sees them as single nodes.
+
+Per-call overhead (eager only; compiled code and CUDA-graph capture compute everything in
+the graph): a call that needs no gradient of the weight (evaluation) reuses the sigma of the
+weight's previous such call while the weight, the bias and the spec are unchanged (version
+counter, data pointer, dtype, device, shape, strides) and no optimizer has stepped since, so a
+frozen model evaluated over many draws reduces each weight once, not once per call. Training
+calls compute sigma afresh. An int offset (a draw) becomes a device tensor once, not one
+host-to-device copy per call. Weights written through ``.data`` (or by collectives) outside an
+optimizer step bump no version counter: call :func:`clear_sigma_cache` after such a write.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import dispatch
 from .rng import check_seed
 from .spec import NoiseSpec
 
-__all__ = ["noisy_linear", "noisy_conv2d"]
+__all__ = ["noisy_linear", "noisy_conv2d", "clear_sigma_cache"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -60,14 +71,97 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return x.dtype
 
 
+# ----------------------------------------------------------------------------- per-call caches
+_PLAIN = (Tensor, torch.nn.Parameter)
+# id(weight) -> (weakref to the weight, key, weakref to the bias or None, sigma); one slot per
+# weight tensor, removed when the weight is freed; sigma is [1] or [out], never weight-sized
+_sigma_slots: dict = {}
+# bumped by every optimizer step: fused optimizers (fused=True) write the weights without
+# bumping their version counters, so a kept sigma is never trusted across a step
+_sigma_generation = 0
+# (offset, device) -> int64 scalar tensor; emptied when full
+_offset_slots: dict = {}
+_MAX_OFFSETS = 256
+
+
+def clear_sigma_cache() -> None:
+    """Forget every kept sigma (needed only after writing weights through ``.data``)."""
+    _sigma_slots.clear()
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    global _sigma_generation
+    _sigma_generation += 1
+
+
+_step_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _eager(device: torch.device) -> bool:
+    """Neither compiling nor capturing a CUDA graph (a graph must compute its own values)."""
+    return not (torch.compiler.is_compiling()
+                or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+
+
+def _drop_sigma(ref: weakref.ref, wid: int, slots: dict = _sigma_slots) -> None:
+    slot = slots.get(wid)
+    if slot is not None and slot[0] is ref:
+        del slots[wid]
+
+
+def _cached_sigma(spec: NoiseSpec, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``spec.sigma(weight, bias)``, kept while the weight, the bias and the spec are unchanged.
+
+    Kept only for calls that need no gradient of what sigma reads (evaluation): a training
+    call computes it afresh, whatever wrote the weights (``.data``, collectives, fused steps).
+    """
+    b = bias if spec.noise_bias else None  # without noise_bias sigma does not read the bias
+    if (not _eager(weight.device) or type(weight) not in _PLAIN
+            or (b is not None and type(b) not in _PLAIN)):
+        return spec.sigma(weight, bias)
+    wid = id(weight)
+    if torch.is_grad_enabled() and (weight.requires_grad or (b is not None and b.requires_grad)):
+        _sigma_slots.pop(wid, None)  # written by training: an evaluation call recomputes too
+        return spec.sigma(weight, bias)
+    try:
+        key = (spec, _sigma_generation, weight._version, weight.data_ptr(), weight.dtype,
+               weight.device, weight.shape, weight.stride(),
+               None if b is None else (b._version, b.data_ptr(), b.dtype, b.shape))
+    except RuntimeError:  # an inference tensor (no version counter) or one without storage
+        return spec.sigma(weight, bias)
+    slot = _sigma_slots.get(wid)
+    if (slot is not None and slot[0]() is weight and slot[1] == key
+            and (slot[2] is None if b is None else slot[2]() is b)):
+        return slot[3]
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):  # a normal tensor: a later training call can save it
+            sigma = spec.sigma(weight, bias)
+    else:
+        sigma = spec.sigma(weight, bias)
+    ref = slot[0] if slot is not None and slot[0]() is weight else weakref.ref(
+        weight, lambda r, wid=wid, drop=_drop_sigma: drop(r, wid))
+    _sigma_slots[wid] = (ref, key, None if b is None else weakref.ref(b), sigma)
+    return sigma
+
+
 def _offset_tensor(offset, device) -> Tensor:
     if isinstance(offset, Tensor):
         if offset.numel() != 1 or offset.dtype != torch.int64:
             raise TypeError(f"offset tensor must hold one int64, got {offset.dtype} {tuple(offset.shape)}")
-        return offset.reshape(())
+        return offset if offset.dim() == 0 else offset.reshape(())
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be an int >= 0 or an int64 tensor, got {offset!r}")
-    return torch.tensor(offset & 0xFFFFFFFF, dtype=torch.int64, device=device)
+    offset &= 0xFFFFFFFF
+    if not _eager(device):
+        return torch.tensor(offset, dtype=torch.int64, device=device)
+    t = _offset_slots.get((offset, device))
+    if t is None:  # one host-to-device copy per (offset, device), not one per call
+        if len(_offset_slots) >= _MAX_OFFSETS:
+            _offset_slots.clear()
+        with torch.inference_mode(False):  # a normal tensor: a training call can save it
+            t = torch.tensor(offset, dtype=torch.int64, device=device)
+        _offset_slots[(offset, device)] = t
+    return t
 
 
 def _prepare(x, weight, bias, spec, seed, offset, path, backward_path):
@@ -75,8 +169,9 @@ def _prepare(x, weight, bias, spec, seed, offset, path, backward_path):
     dispatch.check_path(backward_path or path)
     check_seed(seed)
     dtype = _compute_dtype(x, weight)
-    sigma = spec.sigma(weight, bias)
-    return (x.to(dtype), sigma, spec.mode, bool(spec.noise_bias and bias is not None),
+    sigma = _cached_sigma(spec, weight, bias)
+    x = x if x.dtype == dtype else x.to(dtype)  # no dispatch for a no-op cast
+    return (x, sigma, spec.mode, bool(spec.noise_bias and bias is not None),
             _offset_tensor(offset, weight.device), backward_path or path)
 
 

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import context, dispatch, reference, rng
+from . import context, dispatch, functional, reference, rng
 
 __all__ = ["pregenerated", "noisy_weights"]
 
@@ -102,7 +102,7 @@ def _generate(jobs: list) -> list:
         for i in idx:
             layer, spec, seed, offset, _ = jobs[i]
             bias = layer.bias
-            sigma = spec.sigma(layer.weight, bias)
+            sigma = functional._cached_sigma(spec, layer.weight, bias)
             noise_bias = spec.noise_bias and bias is not None
             if not use_kernel:
                 wn = reference.noisy_weight(layer.weight, sigma, spec.mode, seed, offset, dtype)
