@@ -108,3 +108,18 @@ def test_compiled_functional_ops_with_spec_built_inside():
         return noisy_linear(y.flatten(1), torch.ones(5, 4 * 8 * 8), None, NoiseSpec(0.05), 4, 1)
 
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x, w, b), fn(x, w, b), **TOL)
+
+
+def test_compiled_eval_draw_follows_weight_changes():
+    """Compiled code computes sigma in its graph and keeps nothing between calls: a weight
+    changed in place shows in the next compiled call, which matches eager."""
+    model = _mlp().eval()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(7, 12, device=DEVICE)
+    with torch.no_grad(), fastnoise.noise(eta=0.05, draw=2):
+        a, eager_a = compiled(x), model(x)
+        model[0].weight.mul_(3)
+        b, eager_b = compiled(x), model(x)
+    torch.testing.assert_close(a, eager_a, **TOL)
+    torch.testing.assert_close(b, eager_b, **TOL)
+    assert not torch.allclose(a, b)
