@@ -1,4 +1,5 @@
-"""The benchmarks need a CUDA GPU: without one, every test under ``bench/`` is skipped (not failed).
+"""The benchmarks need a CUDA GPU: without one, every test under ``bench/`` is skipped (not failed),
+except those marked ``host`` (host-side cost, measured on any machine).
 
     python -m pytest bench/ --benchmark-columns=median,iqr,rounds
 """
@@ -16,5 +17,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU")
     for item in items:
+        if item.get_closest_marker("host") is not None:
+            continue
         if os.path.abspath(str(item.fspath)).startswith(BENCH_DIR + os.sep):
             item.add_marker(skip)

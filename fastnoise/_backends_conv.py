@@ -146,7 +146,7 @@ def auto_path(x, weight, geometry) -> str:
 
 def choose(path, x, weight, geometry, backward=False):
     """The implementation of ``path`` for this call (``x`` is the grad in the backward)."""
-    if path == "reference":
+    if path == "reference" or (path == "auto" and x.device.type != "cuda"):
         return REFERENCE_CONV2D
     ok, why = dispatch.triton_usable(x)
     if ok and (x.dtype not in dispatch.KERNEL_DTYPES or weight.dtype not in dispatch.KERNEL_DTYPES):
@@ -156,8 +156,6 @@ def choose(path, x, weight, geometry, backward=False):
             dispatch.fall_back("noisy_conv2d", path, why)
         return REFERENCE_CONV2D
     if path == "auto":
-        if x.device.type != "cuda":
-            return REFERENCE_CONV2D
         if backward:
             return GENERATE_CONV2D
         path = auto_path(x, weight, geometry)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
 
 from .spec import NoiseSpec
 
@@ -18,7 +21,17 @@ class NoiseOverride:
     draw: Optional[int]
 
     def apply(self, spec: NoiseSpec) -> NoiseSpec:
-        return spec.replace(**dict(self.changes)) if self.changes else spec
+        if not self.changes:
+            return spec
+        if torch.compiler.is_compiling():  # dynamo warns about lru_cache wrappers
+            return spec.replace(**dict(self.changes))
+        return _replaced(spec, self.changes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _replaced(spec: NoiseSpec, changes: tuple) -> NoiseSpec:
+    """``spec`` with ``changes`` applied; specs are frozen, so one object serves every call."""
+    return spec.replace(**dict(changes))
 
 
 _stack: list[NoiseOverride] = []

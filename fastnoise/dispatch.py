@@ -14,6 +14,7 @@ GPU. Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests)
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -36,6 +37,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401

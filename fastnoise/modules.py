@@ -10,6 +10,7 @@ says otherwise. Each layer keeps an id and a call counter (a non-persistent buff
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Callable, Iterable
 from typing import Optional, Union
 
@@ -25,6 +26,12 @@ __all__ = ["Linear", "Conv2d", "convert", "restore", "noise_state_dict", "load_n
            "noisy_layers"]
 
 _DRAW_TAG = 0xD7A3  # keeps evaluation draws apart from training's call counters
+
+
+@functools.lru_cache(maxsize=4096)
+def _seed(*values: int) -> int:
+    """``rng.mix64`` of a layer's (global seed, id[, tag]), computed once per layer and seed."""
+    return rng.mix64(*values)
 
 
 class _NoisyMixin:
@@ -58,11 +65,13 @@ class _NoisyMixin:
             spec = override.apply(self.spec)
         if spec.eta == 0.0:
             return None
+        # memoized in eager; dynamo traces mix64 itself (it warns about lru_cache wrappers)
+        mix = rng.mix64 if torch.compiler.is_compiling() else _seed
         if override is not None and override.draw is not None:
-            seed = rng.mix64(rng.initial_seed(), self.noise_id, _DRAW_TAG)
+            seed = mix(rng.initial_seed(), self.noise_id, _DRAW_TAG)
             offset = override.draw
         else:
-            seed = rng.mix64(rng.initial_seed(), self.noise_id)
+            seed = mix(rng.initial_seed(), self.noise_id)
             if not advance:
                 return spec, seed, self.noise_calls
             offset = self._advance_calls()
@@ -80,7 +89,10 @@ class _NoisyMixin:
         # otherwise advance by a new tensor, not add_: the offset saved for backward is then never
         # written, which torch.compile needs (its partitioner may recompute a clone of a buffer
         # in the backward, after an in-place update; pytorch/pytorch PR 197039)
-        self.noise_calls = calls + 1
+        if torch.compiler.is_compiling():
+            self.noise_calls = calls + 1
+        else:  # the same, without nn.Module.__setattr__'s checks (a few us per call)
+            self._buffers["noise_calls"] = calls + 1
         return calls
 
     def extra_repr(self) -> str:

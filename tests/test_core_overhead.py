@@ -257,3 +257,55 @@ def test_int_offsets_become_tensors_once_and_the_store_is_bounded():
         assert int(functional._offset_tensor(k, w.device)) == k
     assert len(functional._offset_slots) <= functional._MAX_OFFSETS
     assert int(functional._offset_tensor(2**32 + 5, w.device)) == 5  # the 32-bit call counter
+
+
+# ----------------------------------------------------------------------------- eager direct calls
+class _Passthrough(torch.overrides.TorchFunctionMode):
+    """A torch function mode that changes nothing: with it active, calls go through the ops."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _run(kind, grad):
+    torch.manual_seed(0)
+    fastnoise.manual_seed(0)  # same layer ids, so the same noise
+    layer, x = _layer(kind, NoiseSpec(0.1, noise_bias=True))
+    x = x.requires_grad_(grad)
+    layer.train(grad)
+    layer.requires_grad_(grad)
+    with fastnoise.noise(draw=DRAW):
+        y = layer(x)
+    if not grad:
+        return [y]
+    y.backward(torch.randn_like(y))
+    return [y, x.grad, layer.weight.grad, layer.bias.grad]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("grad", [False, True], ids=["eval", "train"])
+def test_eager_calls_skip_the_op_wrapper_with_the_same_results(kind, grad, monkeypatch):
+    """Eager calls on plain tensors run the implementation directly (an autograd.Function when a
+    gradient is needed); under a torch function mode they go through ``torch.ops.fastnoise``.
+    Both give bit-identical outputs and gradients."""
+    with _Passthrough():
+        through_op = _run(kind, grad)
+    op_name = "_linear_op" if kind == "linear" else "_conv_op"
+    op = getattr(functional, op_name)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom op was called in eager mode")
+
+    monkeypatch.setattr(functional, op_name, refuse)
+    direct = _run(kind, grad)
+    assert len(direct) == len(through_op)
+    for a, b in zip(direct, through_op, strict=True):
+        assert torch.equal(a, b)
+    with _Passthrough(), pytest.raises(AssertionError, match="custom op was called"):
+        _run(kind, grad)  # the mode really routes to the op
+    monkeypatch.setattr(functional, op_name, op)
+    # dispatch modes (count_ops, FakeTensor, tracing) see one op per call
+    layer, x = _layer(kind)
+    with torch.no_grad(), fastnoise.noise(draw=DRAW):
+        ops = count_ops(layer, x)
+    assert ops[f"fastnoise.noisy_{'linear' if kind == 'linear' else 'conv2d'}"] == 1

@@ -1,0 +1,119 @@
+"""Host time per noisy layer call, the kernel left out: what fastnoise's Python adds (runs on CPU).
+
+    python -m pytest bench/test_bench_host.py --benchmark-columns=median,iqr,rounds
+
+At batch 1-8 a layer's kernel takes microseconds, so the host's time per call (argument checks,
+sigma, counters, dispatch, autograd bookkeeping) decides whether the GPU waits. To measure only
+that, the backend that computes the noisy layer is swapped for the clean ``F.linear`` /
+``F.conv2d`` (and their gradients), tensors are tiny and torch runs one thread: each median is
+then the host cost of one call plus that of the clean op itself, comparable across providers:
+
+- ``clean``: the torch module (``nn.Linear`` / ``nn.Conv2d``);
+- ``naive``: the layer people write today, ``W + eta * (max W - min W) * randn_like(W)`` per
+  call, then the clean op;
+- ``fastnoise``: ``fastnoise.Linear`` / ``Conv2d``; ``eval`` is a no-grad forward under
+  ``fastnoise.noise(eta, draw=k)`` (robustness evaluation), ``train`` a forward + backward.
+
+``extra_info["ratio_vs_clean"]`` / ``["ratio_vs_naive"]``: medians of this session, side by side.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastnoise
+from fastnoise import _backends
+
+pytestmark = pytest.mark.host  # runs without a GPU (bench/conftest.py)
+pytest.importorskip("pytest_benchmark")
+
+ETA = 0.05
+_MEDIANS: dict = {}
+
+
+def _linear_backward(grad, x, w, sigma, mode, seed, offset, need_x, need_w, need_b):
+    return (grad @ w if need_x else None, grad.t() @ x if need_w else None,
+            grad.sum(0) if need_b else None)
+
+
+def _conv_forward(x, w, b, sigma, mode, noise_bias, seed, offset, stride, padding, dilation,
+                  groups):
+    return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+
+@pytest.fixture(autouse=True)
+def _clean_kernels(monkeypatch):
+    """The CPU backend (the reference) swapped for the clean ops: no noise math is timed."""
+    monkeypatch.setattr(_backends.REFERENCE_LINEAR, "forward",
+                        lambda x, w, b, *args: F.linear(x, w, b))
+    monkeypatch.setattr(_backends.REFERENCE_LINEAR, "backward", _linear_backward)
+    monkeypatch.setattr(_backends.REFERENCE_CONV2D, "forward", _conv_forward)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _Naive:
+    """``W + eta * (max W - min W) * randn_like(W)`` in every call."""
+
+    def forward(self, x):
+        w = self.weight
+        noisy = w + ETA * (w.max() - w.min()) * torch.randn_like(w)
+        return self._op(x, noisy)
+
+
+class NaiveLinear(_Naive, nn.Linear):
+    def _op(self, x, w):
+        return F.linear(x, w, self.bias)
+
+
+class NaiveConv2d(_Naive, nn.Conv2d):
+    def _op(self, x, w):
+        return self._conv_forward(x, w, self.bias)
+
+
+def _layers(kind):
+    if kind == "linear":
+        args, x = (16, 16), torch.randn(2, 16)
+        return {"clean": nn.Linear(*args), "naive": NaiveLinear(*args),
+                "fastnoise": fastnoise.Linear(*args)}, x
+    args, x = (4, 4, 3), torch.randn(1, 4, 3, 3)
+    return {"clean": nn.Conv2d(*args, padding=1), "naive": NaiveConv2d(*args, padding=1),
+            "fastnoise": fastnoise.Conv2d(*args, padding=1)}, x
+
+
+def _record(benchmark, key, provider):
+    _MEDIANS[key + (provider,)] = benchmark.stats.stats.median
+    for base in ("clean", "naive"):
+        other = _MEDIANS.get(key + (base,))
+        if other and base != provider:
+            benchmark.extra_info[f"ratio_vs_{base}"] = _MEDIANS[key + (provider,)] / other
+
+
+@pytest.mark.parametrize("provider", ["clean", "naive", "fastnoise"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_host_eval_call(benchmark, kind, provider):
+    layers, x = _layers(kind)
+    layer = layers[provider].eval()
+
+    benchmark.group = f"host {kind} eval (no grad)"
+    with torch.no_grad(), fastnoise.noise(eta=ETA, draw=3):  # entered once, as an evaluation does
+        benchmark(layer, x)
+    _record(benchmark, (kind, "eval"), provider)
+
+
+@pytest.mark.parametrize("provider", ["clean", "naive", "fastnoise"])
+def test_host_train_step_linear(benchmark, provider):
+    layers, x = _layers("linear")
+    layer = layers[provider].train()
+    layer.spec = fastnoise.NoiseSpec(ETA) if provider == "fastnoise" else None
+    x = x.requires_grad_()
+
+    def step():
+        layer(x).sum().backward()
+
+    benchmark.group = "host linear train (forward + backward)"
+    benchmark(step)
+    _record(benchmark, ("linear", "train"), provider)
