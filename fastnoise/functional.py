@@ -192,6 +192,23 @@ def _direct(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
             and torch._C._len_torch_function_stack() == 0)
 
 
+def _eager_function(name, fwd, setup, backward, bwd) -> type[torch.autograd.Function]:
+    """An op's autograd (its ``setup_context`` and backward) as an ``autograd.Function`` that
+    calls the implementation functions, not the registered ops: the eager route of :func:`_call`."""
+
+    def forward(ctx, *inputs):
+        out = fwd(*inputs)
+        setup(ctx, inputs, out)
+        return out
+
+    def backward_(ctx, grad):
+        return backward(ctx, grad, bwd=bwd)
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward_),
+                 "__doc__": f"{name}: eager autograd of the op without the torch.library wrapper."})
+
+
 def _call(op, fn: type[torch.autograd.Function], impl, args: tuple) -> Tensor:
     """``op(*args)`` (the custom op), or the same computation through ``fn`` / ``impl``."""
     x, weight, bias = args[:3]
@@ -265,18 +282,7 @@ def _linear_backward(ctx, grad, bwd=_linear_bwd_op):
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-class _LinearFn(torch.autograd.Function):
-    """The op's autograd without the custom-op wrapper, for eager calls (see :func:`_direct`)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _linear_fwd(*inputs)
-        _linear_setup(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _linear_backward(ctx, grad, bwd=_linear_bwd)
+_LinearFn = _eager_function("_LinearFn", _linear_fwd, _linear_setup, _linear_backward, _linear_bwd)
 
 
 def noisy_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -408,18 +414,7 @@ def _conv_backward(ctx, grad, bwd=_conv_bwd_op):
 _conv_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
-class _ConvFn(torch.autograd.Function):
-    """The op's autograd without the custom-op wrapper, for eager calls (see :func:`_direct`)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _conv_fwd(*inputs)
-        _conv_setup(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _conv_backward(ctx, grad, bwd=_conv_bwd)
+_ConvFn = _eager_function("_ConvFn", _conv_fwd, _conv_setup, _conv_backward, _conv_bwd)
 
 
 def _pair(v, name: str) -> list[int]:
