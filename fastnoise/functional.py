@@ -182,14 +182,15 @@ def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- calling the ops
 def _direct(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Call the implementation without the ``torch.library`` wrapper: eager, plain tensors, no
-    torch function / dispatch mode active. The wrapper's Python dispatch costs ~15 us per call
-    without autograd and ~50 us with it (CPU, torch 2.14), more than a small layer's kernel;
-    compiled code, tracing, ``FakeTensor`` and other modes, and tensor subclasses still see the
-    registered ops."""
+    torch function / dispatch mode and no ``torch.func`` transform active. The wrapper's Python
+    dispatch costs ~15 us per call without autograd and ~50 us with it (CPU, torch 2.14), more
+    than a small layer's kernel; compiled code, tracing, ``FakeTensor`` and other modes,
+    ``torch.func`` and tensor subclasses still see the registered ops."""
     return (type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
             and not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
-            and torch._C._len_torch_function_stack() == 0)
+            and torch._C._len_torch_function_stack() == 0
+            and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 def _eager_function(name, fwd, setup, backward, bwd) -> type[torch.autograd.Function]:
