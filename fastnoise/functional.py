@@ -85,7 +85,9 @@ _MAX_OFFSETS = 256
 
 
 def clear_sigma_cache() -> None:
-    """Forget every kept sigma (needed only after writing weights through ``.data``)."""
+    """Forget every kept sigma. Needed only after writing weights through ``.data`` or by
+    collectives outside an optimizer step; ``Module.to`` / ``.cuda()`` / ``.float()`` on a model
+    with fastnoise layers call it (a dtype round trip may reuse the same address)."""
     _sigma_slots.clear()
 
 
@@ -97,9 +99,21 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
 _step_hook = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
+_MODE_KEY = torch._C._TorchDispatchModeKey
+
+
+def _tracing() -> bool:
+    """Compiling, tracing (``torch.jit.trace``, ``make_fx``) or under ``FakeTensorMode``: the
+    values seen are not the ones a later call will see, so nothing may be kept or skipped."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._get_dispatch_mode(_MODE_KEY.FAKE) is not None
+            or torch._C._get_dispatch_mode(_MODE_KEY.PROXY) is not None)
+
+
 def _eager(device: torch.device) -> bool:
-    """Neither compiling nor capturing a CUDA graph (a graph must compute its own values)."""
-    return not (torch.compiler.is_compiling()
+    """Not tracing (see :func:`_tracing`) nor capturing a CUDA graph (a graph must compute its
+    own values)."""
+    return not (_tracing()
                 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
 
 
@@ -182,20 +196,25 @@ def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- calling the ops
 def _direct(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Call the implementation without the ``torch.library`` wrapper: eager, plain tensors, no
-    torch function / dispatch mode and no ``torch.func`` transform active. The wrapper's Python
+    torch function / dispatch mode, no ``torch.func`` transform, no forward-mode AD level and no
+    tracing active. The wrapper's Python
     dispatch costs ~15 us per call without autograd and ~50 us with it (CPU, torch 2.14), more
     than a small layer's kernel; compiled code, tracing, ``FakeTensor`` and other modes,
     ``torch.func`` and tensor subclasses still see the registered ops."""
-    return (type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
-            and not torch.compiler.is_compiling()
+    return (not _tracing()  # first: dynamo must not trace the C queries below
+            and type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
             and torch._C._len_torch_dispatch_stack() == 0
             and torch._C._len_torch_function_stack() == 0
-            and torch._C._functorch.peek_interpreter_stack() is None)
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and torch.autograd.forward_ad._current_level < 0)  # no dual tensors
 
 
-def _eager_function(name, fwd, setup, backward, bwd) -> type[torch.autograd.Function]:
+def _eager_function(name, fwd, setup, backward, bwd, bwd_op) -> type[torch.autograd.Function]:
     """An op's autograd (its ``setup_context`` and backward) as an ``autograd.Function`` that
-    calls the implementation functions, not the registered ops: the eager route of :func:`_call`."""
+    calls the implementation functions, not the registered ops: the eager route of :func:`_call`.
+    A backward that builds a graph (``create_graph=True``) calls the registered backward op,
+    which has no derivative and says so, as the op route does (the implementation would detach
+    the weight and return a wrong second derivative)."""
 
     def forward(ctx, *inputs):
         out = fwd(*inputs)
@@ -203,7 +222,7 @@ def _eager_function(name, fwd, setup, backward, bwd) -> type[torch.autograd.Func
         return out
 
     def backward_(ctx, grad):
-        return backward(ctx, grad, bwd=bwd)
+        return backward(ctx, grad, bwd=bwd_op if torch.is_grad_enabled() else bwd)
 
     return type(name, (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward_),
@@ -283,7 +302,8 @@ def _linear_backward(ctx, grad, bwd=_linear_bwd_op):
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-_LinearFn = _eager_function("_LinearFn", _linear_fwd, _linear_setup, _linear_backward, _linear_bwd)
+_LinearFn = _eager_function("_LinearFn", _linear_fwd, _linear_setup, _linear_backward, _linear_bwd,
+                            _linear_bwd_op)
 
 
 def noisy_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -415,7 +435,7 @@ def _conv_backward(ctx, grad, bwd=_conv_bwd_op):
 _conv_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
-_ConvFn = _eager_function("_ConvFn", _conv_fwd, _conv_setup, _conv_backward, _conv_bwd)
+_ConvFn = _eager_function("_ConvFn", _conv_fwd, _conv_setup, _conv_backward, _conv_bwd, _conv_bwd_op)
 
 
 def _pair(v, name: str) -> list[int]:

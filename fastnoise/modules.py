@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import context, pregenerate, rng
+from . import context, functional, pregenerate, rng
 from .functional import noisy_conv2d, noisy_linear
 from .spec import NoiseSpec
 
@@ -94,6 +94,13 @@ class _NoisyMixin:
         else:  # the same, without nn.Module.__setattr__'s checks (a few us per call)
             self._buffers["noise_calls"] = calls + 1
         return calls
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .float() swap the weights' data without a version bump, and a
+        # round trip may land at the same address: kept sigmas must go
+        out = super()._apply(fn, *args, **kwargs)
+        functional.clear_sigma_cache()
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, spec={self.spec}"

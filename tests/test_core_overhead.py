@@ -309,3 +309,72 @@ def test_eager_calls_skip_the_op_wrapper_with_the_same_results(kind, grad, monke
     with torch.no_grad(), fastnoise.noise(draw=DRAW):
         ops = count_ops(layer, x)
     assert ops[f"fastnoise.noisy_{'linear' if kind == 'linear' else 'conv2d'}"] == 1
+
+
+# ----------------------------------------------------------------------------- tracing, fake, 2nd order
+def test_fake_tensor_mode_leaves_nothing_behind():
+    """A shape/memory estimate under FakeTensorMode (real weights) keeps no fake sigma or offset:
+    the next real call returns a real tensor equal to the reference."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    fastnoise.manual_seed(0)
+    layer, x = _layer("linear")
+    layer.eval()
+    spec = layer.spec.replace(eta=0.1)
+    with torch.no_grad(), fastnoise.noise(eta=0.1, draw=DRAW):
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            assert layer(mode.from_tensor(x)).shape == (3, 13)
+        y = layer(x)
+    assert not isinstance(y, FakeTensor)
+    assert not any(isinstance(t, FakeTensor) for t in functional._offset_slots.values())
+    assert torch.equal(y, _expected(layer, x, spec))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the offset is a trace constant
+def test_traced_graphs_compute_sigma_and_call_the_op():
+    """make_fx and torch.jit.trace record the op and sigma's reduction, never a kept value."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    spec = NoiseSpec(0.1)
+    w, x = torch.randn(13, 41), torch.randn(3, 41)
+
+    def f(w, x):
+        return functional.noisy_linear(x, w, None, spec, seed=1, offset=2)
+
+    with torch.no_grad():
+        f(w, x)  # an eval call keeps sigma for w
+        g = make_fx(f)(w, x)
+        targets = [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+        assert any("aminmax" in t for t in targets) and any("noisy_linear" in t for t in targets)
+        assert torch.equal(g(w * 5, x), f(w * 5, x))
+        traced = torch.jit.trace(lambda x: f(w, x), x)
+        assert "fastnoise::noisy_linear" in str(traced.graph)
+        x2 = torch.randn(3, 41)
+        assert torch.equal(traced(x2), f(w, x2))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_double_backward_refuses_on_both_routes(kind):
+    """The ops have no second derivative; the eager route must say so too, not return one."""
+    for route in ("eager", "op"):
+        fastnoise.manual_seed(0)
+        layer, x = _layer(kind)
+        x = x.requires_grad_()
+        ctx = _Passthrough() if route == "op" else torch.enable_grad()
+        with ctx:
+            (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+            with pytest.raises(RuntimeError, match="no autograd formula"):
+                gx.square().sum().backward()
+
+
+def test_module_dtype_round_trip_forgets_kept_sigma():
+    """``.to(bfloat16).float()`` swaps the data without a version bump and may reuse the address:
+    the layers' ``_apply`` drops kept sigmas, so the next evaluation call reduces again."""
+    layer, x = _layer("linear")
+    layer.eval()
+    _eval_forward(layer, x)
+    assert _eval_forward(layer, x)[1][AMINMAX] == 0  # kept
+    layer.to(torch.bfloat16).float()
+    out, ops = _eval_forward(layer, x)
+    assert ops[AMINMAX] == 1
+    assert torch.equal(out, _expected(layer, x, layer.spec.replace(eta=0.05)))
