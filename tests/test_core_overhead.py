@@ -331,6 +331,7 @@ def test_fake_tensor_mode_leaves_nothing_behind():
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the offset is a trace constant
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
 def test_traced_graphs_compute_sigma_and_call_the_op():
     """make_fx and torch.jit.trace record the op and sigma's reduction, never a kept value."""
     from torch.fx.experimental.proxy_tensor import make_fx
