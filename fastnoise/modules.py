@@ -72,6 +72,13 @@ class _NoisyMixin:
             offset = override.draw
         else:
             seed = mix(rng.initial_seed(), self.noise_id)
+            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+                raise RuntimeError(
+                    f"{type(self).__name__} (fastnoise) ran a noisy forward inside a backward pass, "
+                    "as activation checkpointing's recomputation does: its call counter would move "
+                    "on and the recomputed activations would see other noise than the forward, so "
+                    "the gradients would be wrong. Keep fastnoise layers out of checkpointed "
+                    "regions, or use fastnoise.noise(draw=k) to fix the noise for both passes.")
             if not advance:
                 return spec, seed, self.noise_calls
             offset = self._advance_calls()

@@ -22,7 +22,7 @@ hold for this stream.
 Why 16-bit uniforms: one Philox call gives eight normals instead of four, and the angle's
 quadrant is two bits of ``b``, so kernels compute cos/sin with two short polynomials on
 (-pi/4, pi/4) instead of a general sin/cos with range reduction. Compiled for sm_90 this takes
-the noise generation from 115 to 47 SASS instructions per normal
+the noise generation from 118 to 47 SASS instructions per normal
 (``python bench/rng_cost.py``). Kernels work in float32 and match this float64 reference to
 about 1e-6.
 

@@ -1,5 +1,7 @@
 """Drop-in modules, convert / restore, saved tensors, noise switching."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,3 +220,26 @@ def test_noisy_passes_in_inference_mode_then_training():
     b.sum().backward()
     assert lin.weight.grad is not None and int(lin.noise_calls) == 2
     assert not torch.allclose(a, b)  # a new call, a new draw
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recompute_refuses_instead_of_wrong_gradients(reentrant):
+    """Activation checkpointing recomputes the forward inside backward, where the call counter
+    would have moved on: the layer raises rather than return gradients of other noise. With a
+    fixed draw both passes see the same noise, and the gradients equal the plain ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(use_ckpt, draw=None):
+        torch.manual_seed(0)
+        fastnoise.manual_seed(0)
+        m = nn.Sequential(fastnoise.Linear(16, 16), nn.Tanh(), fastnoise.Linear(16, 4)).train()
+        x = torch.randn(3, 16, requires_grad=True)
+        ctx = fastnoise.noise(draw=draw) if draw is not None else contextlib.nullcontext()
+        with ctx:
+            y = checkpoint(m, x, use_reentrant=reentrant) if use_ckpt else m(x)
+            y.square().sum().backward()
+        return m[0].weight.grad
+
+    with pytest.raises(RuntimeError, match="inside a backward pass"):
+        run(True)
+    assert torch.equal(run(True, draw=2), run(False, draw=2))
