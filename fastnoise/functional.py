@@ -197,10 +197,10 @@ def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 def _direct(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Call the implementation without the ``torch.library`` wrapper: eager, plain tensors, no
     torch function / dispatch mode, no ``torch.func`` transform, no forward-mode AD level and no
-    tracing active. The wrapper's Python
-    dispatch costs ~15 us per call without autograd and ~50 us with it (CPU, torch 2.14), more
-    than a small layer's kernel; compiled code, tracing, ``FakeTensor`` and other modes,
-    ``torch.func`` and tensor subclasses still see the registered ops."""
+    tracing active. The wrapper's Python dispatch costs ~15 us per call without autograd and
+    ~50 us with it (CPU, torch 2.14), more than a small layer's kernel; compiled code, tracing,
+    ``FakeTensor`` and other modes, ``torch.func`` and tensor subclasses still see the
+    registered ops."""
     return (not _tracing()  # first: dynamo must not trace the C queries below
             and type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
             and torch._C._len_torch_dispatch_stack() == 0

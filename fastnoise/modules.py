@@ -65,14 +65,15 @@ class _NoisyMixin:
             spec = override.apply(self.spec)
         if spec.eta == 0.0:
             return None
+        compiling = torch.compiler.is_compiling()
         # memoized in eager; dynamo traces mix64 itself (it warns about lru_cache wrappers)
-        mix = rng.mix64 if torch.compiler.is_compiling() else _seed
+        mix = rng.mix64 if compiling else _seed
         if override is not None and override.draw is not None:
             seed = mix(rng.initial_seed(), self.noise_id, _DRAW_TAG)
             offset = override.draw
         else:
             seed = mix(rng.initial_seed(), self.noise_id)
-            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            if not compiling and torch._C._current_graph_task_id() != -1:
                 raise RuntimeError(
                     f"{type(self).__name__} (fastnoise) ran a noisy forward inside a backward pass, "
                     "as activation checkpointing's recomputation does: its call counter would move "
