@@ -2,7 +2,17 @@
 
 from . import functional
 from .context import noise
-from .modules import Conv2d, Linear, convert, load_noise_state_dict, noise_state_dict, noisy_layers, restore
+from .convert import (
+                      CoverageReport,
+                      CoverageWarning,
+                      convert,
+                      coverage,
+                      load_noise_state_dict,
+                      noise_state_dict,
+                      noisy_layers,
+                      restore,
+)
+from .modules import Conv2d, Linear
 from .pregenerate import pregenerated
 from .rng import initial_seed, manual_seed
 from .robustness import RobustnessResult, evaluate_robustness
@@ -16,6 +26,9 @@ __all__ = [
     "Conv2d",
     "convert",
     "restore",
+    "coverage",
+    "CoverageReport",
+    "CoverageWarning",
     "noise",
     "manual_seed",
     "initial_seed",

@@ -39,3 +39,37 @@ def generated_bias(bias, sigma, mode, noise_bias, seed, offset, dtype):
 
         return noise_gen.noisy_bias(bias, sigma, mode, seed, offset, dtype)
     return bias.detach().to(dtype)
+
+
+def _gemm_2d(t):
+    """Weights of more than 4 dims (Conv3d) seen as their 2-D GEMM view for the kernels."""
+    return t if t.dim() <= 4 else t.reshape(t.shape[0], -1)
+
+
+def noisy_weight(weight, sigma, mode, seed, offset, dtype):
+    """``W + sigma z`` in ``weight``'s shape and ``dtype``, for any weight of >= 2 dims: the Triton
+    kernel on CUDA, the reference elsewhere (the generic path of every layer kind without a fused
+    op: RNN weights, attention projections, Conv1d/3d, transposed convs, ...)."""
+    from . import dispatch
+
+    if (weight.device.type == "cuda" and dispatch.triton_usable(weight)[0]
+            and dtype in dispatch.KERNEL_DTYPES and weight.dtype in dispatch.KERNEL_DTYPES):
+        from .kernels import noise_gen
+
+        w = _gemm_2d(weight.detach())
+        if w.dim() == 3:
+            w = w.reshape(w.shape[0], -1)
+        return noise_gen.noisy_weight(w, sigma, mode, seed, offset, dtype).reshape(weight.shape)
+    return reference.noisy_weight(weight, sigma, mode, seed, offset, dtype)
+
+
+def noisy_bias(bias, sigma, mode, seed, offset, dtype):
+    """``b + sigma z_b`` (the contract's bias stream), on the weight's backend."""
+    from . import dispatch
+
+    if (bias.device.type == "cuda" and dispatch.triton_usable(bias)[0]
+            and dtype in dispatch.KERNEL_DTYPES and bias.dtype in dispatch.KERNEL_DTYPES):
+        from .kernels import noise_gen
+
+        return noise_gen.noisy_bias(bias.detach(), sigma, mode, seed, offset, dtype)
+    return reference.noisy_bias(bias, sigma, mode, seed, offset, dtype)

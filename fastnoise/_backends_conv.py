@@ -113,12 +113,18 @@ GENERATE_CONV2D = SimpleNamespace(name="generate", forward=_generate_forward,
 FUSED_CONV2D = SimpleNamespace(name="fused", forward=_fused_forward, backward=_generate_backward)
 
 
+def conv_out_hw(h, w, weight, stride, padding, dilation):
+    """Output height and width of a 2-D convolution (explicit int padding)."""
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
 def conv_output_shape(x, weight, geometry) -> tuple:
     """``(N, Cout, OH, OW)``."""
-    from .functional import _conv_out_hw  # lazily: functional imports this module
-
     stride, padding, dilation, _ = geometry
-    oh, ow = _conv_out_hw(x.shape[-2], x.shape[-1], weight, stride, padding, dilation)
+    oh, ow = conv_out_hw(x.shape[-2], x.shape[-1], weight, stride, padding, dilation)
     return x.shape[0], weight.shape[0], max(oh, 0), max(ow, 0)
 
 

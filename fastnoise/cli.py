@@ -121,7 +121,7 @@ def _cmd_eval(args) -> int:
     import torch
 
     from . import rng
-    from .modules import convert
+    from .convert import convert
     from .robustness import evaluate_robustness
     from .spec import NoiseSpec
     from .train import checkpoint as ckpt

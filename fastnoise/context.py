@@ -19,6 +19,7 @@ class NoiseOverride:
     enabled: bool
     changes: tuple  # (field, value) pairs applied to each module's spec
     draw: Optional[int]
+    seed: Optional[int] = None  # draws: the global noise seed to use instead of initial_seed()
 
     def apply(self, spec: NoiseSpec) -> NoiseSpec:
         if not self.changes:
@@ -35,6 +36,8 @@ def _replaced(spec: NoiseSpec, changes: tuple) -> NoiseSpec:
 
 
 _stack: list[NoiseOverride] = []
+# the noise scopes (fastnoise.intercept) active now: the layers' fast paths step out of them
+scopes: list = []
 
 
 def current() -> Optional[NoiseOverride]:
@@ -43,7 +46,8 @@ def current() -> Optional[NoiseOverride]:
 
 @contextlib.contextmanager
 def noise(eta: Optional[float] = None, scale: Optional[str] = None,
-          noise_bias: Optional[bool] = None, *, enabled: bool = True, draw: Optional[int] = None):
+          noise_bias: Optional[bool] = None, *, enabled: bool = True, draw: Optional[int] = None,
+          seed: Optional[int] = None):
     """Control the noise of every fastnoise layer inside the block, in train and eval mode.
 
     - ``with fastnoise.noise():`` noise on with each layer's own spec, also in eval mode.
@@ -51,7 +55,8 @@ def noise(eta: Optional[float] = None, scale: Optional[str] = None,
     - ``with fastnoise.noise(enabled=False):`` no noise at all (a clean pass in train mode).
     - ``draw=k``: every call inside sees the same noise, draw ``k`` of a stream kept apart from
       training's, and layer call counters do not advance: one simulated chip, so a whole
-      evaluation pass sees one fixed set of noisy weights.
+      evaluation pass sees one fixed set of noisy weights. Chip ``k`` of a weight is a function of
+      (``seed``, the weight's id, ``k``); ``seed`` defaults to :func:`fastnoise.initial_seed`.
     """
     changes = tuple((k, v) for k, v in (("eta", eta), ("scale", scale), ("noise_bias", noise_bias))
                     if v is not None)
@@ -59,7 +64,13 @@ def noise(eta: Optional[float] = None, scale: Optional[str] = None,
         NoiseSpec().replace(**dict(changes))  # validate now, not at the first forward
     if draw is not None and (isinstance(draw, bool) or not isinstance(draw, int) or draw < 0):
         raise ValueError(f"draw must be an int >= 0, got {draw!r}")
-    _stack.append(NoiseOverride(bool(enabled), changes, draw))
+    if seed is not None:
+        if draw is None:
+            raise ValueError("seed= chooses the chips of draw=k; give draw too")
+        from .rng import check_seed
+
+        check_seed(seed)
+    _stack.append(NoiseOverride(bool(enabled), changes, draw, seed))
     try:
         yield
     finally:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import dispatch
+from . import _backends, dispatch
+from ._backends_conv import conv_out_hw, conv_output_memory_format, grad_memory_format
 from .rng import check_seed
 from .spec import NoiseSpec
 
@@ -204,7 +205,7 @@ def _direct(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     return (not _tracing()  # first: dynamo must not trace the C queries below
             and type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
             and torch._C._len_torch_dispatch_stack() == 0
-            and torch._C._len_torch_function_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()  # none, or disabled
             and torch._C._functorch.peek_interpreter_stack() is None
             and torch.autograd.forward_ad._current_level < 0)  # no dual tensors
 
@@ -242,8 +243,6 @@ def _call(op, fn: type[torch.autograd.Function], impl, args: tuple) -> Tensor:
 
 # ----------------------------------------------------------------------------- linear
 def _linear_impl(path: str, x: Tensor, weight: Tensor, backward: bool = False):
-    from . import _backends
-
     return _backends.linear_impl(path, x, weight, backward)
 
 
@@ -338,16 +337,7 @@ def noisy_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 # ----------------------------------------------------------------------------- conv2d
 def _conv_impl(path: str, x: Tensor, weight: Tensor, geometry, backward: bool = False):
-    from . import _backends
-
     return _backends.conv2d_impl(path, x, weight, geometry, backward)
-
-
-def _conv_out_hw(h, w, weight, stride, padding, dilation):
-    kh, kw = weight.shape[2], weight.shape[3]
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return oh, ow
 
 
 def _conv_fwd(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding, dilation,
@@ -355,8 +345,6 @@ def _conv_fwd(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, pa
     geometry = (stride, padding, dilation, groups)
     impl = _conv_impl(path, x, weight, geometry)
     y = impl.forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, *geometry)
-    from ._backends_conv import conv_output_memory_format
-
     return y.contiguous(memory_format=conv_output_memory_format(x, weight))  # the fake's layout
 
 
@@ -371,9 +359,7 @@ def _conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], sigma: Tensor, m
 @_conv_op.register_fake
 def _(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding, dilation, groups,
       path, backward_path):
-    from ._backends_conv import conv_output_memory_format
-
-    oh, ow = _conv_out_hw(x.shape[-2], x.shape[-1], weight, stride, padding, dilation)
+    oh, ow = conv_out_hw(x.shape[-2], x.shape[-1], weight, stride, padding, dilation)
     return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
                        memory_format=conv_output_memory_format(x, weight))
 
@@ -384,8 +370,6 @@ def _conv_bwd(grad, x, weight, sigma, mode, seed, offset, stride, padding, dilat
     impl = _conv_impl(path, grad, weight, geometry, backward=True)
     dx, dw, db = impl.backward(grad, x, weight, sigma, mode, seed, offset, *geometry,
                                need_x, need_w, need_b)
-    from ._backends_conv import grad_memory_format
-
     # the fake's layouts: each gradient in its input's
     dx = None if dx is None else dx.contiguous(memory_format=grad_memory_format(x))
     dw = None if dw is None else dw.contiguous(memory_format=grad_memory_format(weight))
@@ -404,8 +388,6 @@ def _conv_bwd_op(grad: Tensor, x: Tensor, weight: Tensor, sigma: Tensor, mode: i
 @_conv_bwd_op.register_fake
 def _(grad, x, weight, sigma, mode, seed, offset, stride, padding, dilation, groups, path,
       need_x, need_w, need_b):
-    from ._backends_conv import grad_memory_format
-
     def like(t, need):
         if not need:
             return t.new_empty((0,))
@@ -500,7 +482,7 @@ def noisy_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     x, pad = _resolve_padding(x, weight, padding, dilation, stride)
-    oh, ow = _conv_out_hw(x.shape[-2], x.shape[-1], weight, stride, pad, dilation)
+    oh, ow = conv_out_hw(x.shape[-2], x.shape[-1], weight, stride, pad, dilation)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"input {tuple(input.shape)} is too small for kernel {tuple(weight.shape[2:])} "
                          f"with padding {pad}, dilation {dilation}")
@@ -509,3 +491,83 @@ def noisy_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     y = _call(_conv_op, _ConvFn, _conv_fwd, (x, weight, bias, sigma, mode, noise_bias, seed, off,
                                             stride, pad, dilation, groups, path, bpath))
     return y.squeeze(0) if unbatched else y
+
+
+# ----------------------------------------------------------------------------- any weight
+def _weight_fwd(weight: Tensor, sigma: Tensor, mode: int, seed: int, offset: Tensor, is_bias: bool) -> Tensor:
+    make = _backends.noisy_bias if is_bias else _backends.noisy_weight
+    # contiguous, as the fake says, whatever the strides of the weight (a transposed view)
+    return make(weight, sigma, mode, seed, offset, weight.dtype).contiguous()
+
+
+@torch.library.custom_op("fastnoise::noisy_weight", mutates_args=())
+def _weight_op(weight: Tensor, sigma: Tensor, mode: int, seed: int, offset: Tensor, is_bias: bool) -> Tensor:
+    return _weight_fwd(weight, sigma, mode, seed, offset, is_bias)
+
+
+@_weight_op.register_fake
+def _(weight, sigma, mode, seed, offset, is_bias):
+    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+
+
+def _weight_setup(ctx, inputs, output):
+    pass
+
+
+def _weight_backward(ctx, grad):
+    return (grad,) + (None,) * 5  # straight-through: d(W + sigma z)/dW = 1, sigma constant
+
+
+_weight_op.register_autograd(_weight_backward, setup_context=_weight_setup)
+
+
+class _WeightFn(torch.autograd.Function):
+    """Eager autograd of ``fastnoise::noisy_weight`` without the ``torch.library`` wrapper."""
+
+    @staticmethod
+    def forward(ctx, weight, sigma, mode, seed, offset, is_bias):
+        return _weight_fwd(weight, sigma, mode, seed, offset, is_bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _weight_backward(ctx, grad)
+
+
+def _noisy_tensor(t: Tensor, sigma: Tensor, mode: int, seed: int, off: Tensor, is_bias: bool) -> Tensor:
+    args = (t, sigma, mode, seed, off, is_bias)
+    if not _direct(t, t, None):
+        return _weight_op(*args)
+    if torch.is_grad_enabled() and t.requires_grad:
+        return _WeightFn.apply(*args)
+    return _weight_fwd(*args)
+
+
+def noisy_weight(weight: Tensor, bias: Optional[Tensor] = None, spec: Optional[NoiseSpec] = NoiseSpec(),
+                 seed: int = 0, offset=0) -> tuple[Tensor, Optional[Tensor]]:
+    """``(W + sigma z, b')`` for a weight of any shape (its GEMM view ``[shape[0], -1]``), with a
+    straight-through gradient: the path of every use of a weight that has no fused op (RNNs,
+    attention projections, Conv1d/3d, transposed convs, ``x @ W`` in user code).
+
+    ``b'`` is ``b + sigma z_b`` when ``spec.noise_bias``, else ``bias`` itself (None stays None).
+    The noise is the contract's for ``(seed, offset)``, the same as :func:`noisy_linear` draws for
+    a 2-D weight. Unlike the fused ops, the noisy weight is a real tensor: the op that consumes it
+    keeps it for its own backward if it needs to.
+    """
+    _check_tensor("weight", weight)
+    if weight.dim() < 1:
+        raise ValueError(f"weight must have at least 1 dimension, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if spec is not None and not isinstance(spec, NoiseSpec):
+        raise TypeError(f"spec must be a fastnoise.NoiseSpec or None, got {type(spec).__name__}")
+    if spec is None or spec.eta == 0.0:
+        return weight, bias
+    check_seed(seed)
+    sigma = _cached_sigma(spec, weight, bias)
+    off = _offset_tensor(offset, weight.device)
+    wn = _noisy_tensor(weight, sigma, spec.mode, seed, off, False)
+    if bias is not None and spec.noise_bias:
+        bias = _noisy_tensor(bias, sigma, spec.mode, seed, off, True)
+    return wn, bias

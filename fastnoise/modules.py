@@ -1,59 +1,121 @@
-"""Drop-in noisy layers and model conversion.
+"""Drop-in noisy layers and the noise state every noisy module carries.
 
 ``fastnoise.Linear`` / ``fastnoise.Conv2d`` subclass the torch modules and replace only
 ``forward``: constructor arguments, parameters, ``state_dict`` keys and ``repr`` (plus the spec)
 are torch's. Noise is on in train mode and off in eval mode unless :func:`fastnoise.noise`
-says otherwise. Each layer keeps an id and a call counter (a non-persistent buffer, so
-``state_dict`` is unchanged); the per-call seed is derived from them and the global seed.
+says otherwise. Their forward calls the fused ops of :mod:`fastnoise.functional`.
+
+Every module that holds noisy weights (these two layers, and the modules that
+:func:`fastnoise.convert` makes noisy through :mod:`fastnoise.intercept`) carries, in
+:class:`NoisyMixin`:
+
+- ``spec``: its :class:`~fastnoise.NoiseSpec`;
+- ``noise_key`` / ``noise_id``: its identity. :func:`fastnoise.convert` sets the key to the
+  module's qualified name in the converted model and the id to a hash of it
+  (:func:`fastnoise.rng.key_id`), so distinct layers draw independent noise, a saved and
+  reloaded model (or a fresh one of the same architecture) draws the same noise, and the noise
+  does not depend on what else the process built. A deep copy gets an id of its own (the
+  original's id mixed with a copy number), so the copies that ``nn.TransformerEncoder`` makes of
+  its layer differ; ``convert`` on the enclosing model names them by their places again. A layer
+  built directly, outside ``convert``, gets a process-wide number until then;
+- one call counter per noisy weight (a non-persistent buffer, so ``state_dict`` is unchanged),
+  advanced by every noisy use and restarted by :func:`fastnoise.manual_seed`.
+
+The per-use seed is ``mix(global seed, id[, weight name])`` and the offset the counter; under
+``fastnoise.noise(draw=k)`` it is ``mix(seed, id[, name], tag)`` and the offset ``k``.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import copy
 import functools
-from collections.abc import Callable, Iterable
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import context, functional, pregenerate, rng
+from . import context, functional, rng
 from .functional import noisy_conv2d, noisy_linear
 from .spec import NoiseSpec
 
-__all__ = ["Linear", "Conv2d", "convert", "restore", "noise_state_dict", "load_noise_state_dict",
-           "noisy_layers"]
+__all__ = ["Linear", "Conv2d", "NoisyMixin", "counter_name", "weight_ids"]
 
 _DRAW_TAG = 0xD7A3  # keeps evaluation draws apart from training's call counters
+
+# set by fastnoise.pregenerate when imported: (layer, spec, seed, offset, input) -> (W, b) or None
+_pregenerated_lookup = None
 
 
 @functools.lru_cache(maxsize=4096)
 def _seed(*values: int) -> int:
-    """``rng.mix64`` of a layer's (global seed, id[, tag]), computed once per layer and seed."""
+    """``rng.mix64`` of a weight's (global seed, id[, name id][, tag]), computed once."""
     return rng.mix64(*values)
 
 
-class _NoisyMixin:
-    """State and seed logic shared by the noisy layers."""
+def weight_ids(noise_id: int, weights) -> dict:
+    """``{weight name: the ints its seed mixes}``: the module's id, and the name for weights other
+    than ``weight`` (kept per module, so a traced forward reads constants)."""
+    return {w: (noise_id,) if w == "weight" else (noise_id, rng.key_id(w)) for w in weights}
+
+
+def counter_name(weight: str) -> str:
+    """The buffer that counts a weight's noisy uses: ``noise_calls`` for ``weight``."""
+    return "noise_calls" if weight == "weight" else f"noise_calls_{weight.replace('.', '_')}"
+
+
+class NoisyMixin:
+    """Spec, identity and call counters of the noisy weights a module holds (see the module
+    docstring). ``noise_weights`` names them (``("weight",)`` for the drop-in layers)."""
 
     spec: NoiseSpec
     noise_id: int
-    noise_calls: torch.Tensor
+    noise_key: Optional[str]
+    noise_weights: tuple
 
-    def _init_noise(self, spec: Optional[NoiseSpec], noise_id: Optional[int] = None) -> None:
+    def _init_noise(self, spec: Optional[NoiseSpec], weights=("weight",), key: Optional[str] = None) -> None:
         if spec is None:
             spec = NoiseSpec()
         if not isinstance(spec, NoiseSpec):
             raise TypeError(f"spec must be a fastnoise.NoiseSpec, got {type(spec).__name__}")
         self.spec = spec
-        self.noise_id = rng.next_module_id() if noise_id is None else noise_id
-        self.register_buffer("noise_calls", torch.zeros((), dtype=torch.int64,
-                                                        device=self.weight.device), persistent=False)
+        self.noise_weights = tuple(weights)
+        self.noise_copies = 0
+        self._bind(key)
+        self._noise_epoch = rng.noise_epoch()
+        for name in self.noise_weights:
+            t = self._parameters.get(name)
+            device = t.device if t is not None else None
+            self.register_buffer(counter_name(name), torch.zeros((), dtype=torch.int64, device=device),
+                                 persistent=False)
 
-    def _noise_args(self, advance: bool = True):
-        """(spec, seed, offset) for this call, or None for a clean call. Advances the counter;
-        ``advance=False`` only peeks (the offset is then the counter buffer itself)."""
+    def _bind(self, key: Optional[str]) -> None:
+        """Name this module's noise: ``key`` (its qualified name), or a process-wide number."""
+        self.noise_key = key
+        self._set_id(rng.next_module_id() if key is None else rng.key_id(key))
+
+    def _set_id(self, noise_id: int) -> None:
+        self.noise_id = noise_id
+        self._noise_wids = weight_ids(noise_id, self.noise_weights)
+
+    def _drop_noise(self) -> None:
+        for name in self.noise_weights:
+            self._buffers.pop(counter_name(name), None)
+        for attr in ("spec", "noise_id", "noise_key", "noise_weights", "noise_copies", "_noise_epoch",
+                     "_noise_wids"):
+            self.__dict__.pop(attr, None)
+
+    def _restart_counters(self) -> None:
+        """A :func:`fastnoise.manual_seed` ran since the counters last moved: back to 0."""
+        self._noise_epoch = rng.noise_epoch()
+        for name in self.noise_weights:
+            c = counter_name(name)
+            old = self._buffers[c]
+            self._buffers[c] = torch.zeros((), dtype=torch.int64, device=old.device)
+
+    def _noise_args(self, advance: bool = True, name: str = "weight"):
+        """(spec, seed, offset) for this use of weight ``name``, or None for a clean use. Advances
+        its counter; ``advance=False`` only peeks (the offset is then the counter buffer itself)."""
         override = context.current()
         if override is None:
             if not self.training:
@@ -69,25 +131,28 @@ class _NoisyMixin:
         # memoized in eager; dynamo traces mix64 itself (it warns about lru_cache wrappers)
         mix = rng.mix64 if compiling else _seed
         if override is not None and override.draw is not None:
-            seed = mix(rng.initial_seed(), self.noise_id, _DRAW_TAG)
-            offset = override.draw
-        else:
-            seed = mix(rng.initial_seed(), self.noise_id)
-            if not compiling and torch._C._current_graph_task_id() != -1:
-                raise RuntimeError(
-                    f"{type(self).__name__} (fastnoise) ran a noisy forward inside a backward pass, "
-                    "as activation checkpointing's recomputation does: its call counter would move "
-                    "on and the recomputed activations would see other noise than the forward, so "
-                    "the gradients would be wrong. Keep fastnoise layers out of checkpointed "
-                    "regions, or use fastnoise.noise(draw=k) to fix the noise for both passes.")
-            if not advance:
-                return spec, seed, self.noise_calls
-            offset = self._advance_calls()
-        return spec, seed, offset
+            base = rng.initial_seed() if override.seed is None else override.seed
+            # evaluate_robustness(seed=...) names the chips by the layers' places in its model
+            wids = self.__dict__.get("_draw_wids") or self._noise_wids
+            return spec, mix(base, *wids[name], _DRAW_TAG), override.draw
+        seed = mix(rng.initial_seed(), *self._noise_wids[name])
+        if not compiling and torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(
+                f"{type(self).__name__} (fastnoise) ran a noisy forward inside a backward pass, "
+                "as activation checkpointing's recomputation does: its call counter would move "
+                "on and the recomputed activations would see other noise than the forward, so "
+                "the gradients would be wrong. Keep fastnoise layers out of checkpointed "
+                "regions, or use fastnoise.noise(draw=k) to fix the noise for both passes.")
+        if self._noise_epoch != rng.noise_epoch():
+            self._restart_counters()
+        cname = counter_name(name)
+        if not advance:
+            return spec, seed, self._buffers[cname]
+        return spec, seed, self._advance_calls(cname)
 
-    def _advance_calls(self) -> torch.Tensor:
-        """This call's offset (the counter's value) and the counter moved on by one."""
-        calls = self.noise_calls
+    def _advance_calls(self, cname: str = "noise_calls") -> torch.Tensor:
+        """This use's offset (the counter's value) and the counter moved on by one."""
+        calls = self._buffers[cname]
         if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             # a tensor made here would be an inference tensor, which a later training forward
             # could not save for backward: keep the buffer a normal tensor, update it in place
@@ -98,9 +163,9 @@ class _NoisyMixin:
         # written, which torch.compile needs (its partitioner may recompute a clone of a buffer
         # in the backward, after an in-place update; pytorch/pytorch PR 197039)
         if torch.compiler.is_compiling():
-            self.noise_calls = calls + 1
+            setattr(self, cname, calls + 1)
         else:  # the same, without nn.Module.__setattr__'s checks (a few us per call)
-            self._buffers["noise_calls"] = calls + 1
+            self._buffers[cname] = calls + 1
         return calls
 
     def _apply(self, fn, *args, **kwargs):
@@ -110,11 +175,35 @@ class _NoisyMixin:
         functional.clear_sigma_cache()
         return out
 
+    def __deepcopy__(self, memo):
+        """The usual deep copy, with an id of its own (see the module docstring)."""
+        new = copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+        if "noise_id" in self.__dict__:
+            new._set_id(rng.mix64(self.noise_id, self.noise_copies))
+            new.noise_copies = 0
+            self.noise_copies += 1
+        return new
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, spec={self.spec}"
 
 
-class Linear(_NoisyMixin, nn.Linear):
+def _outside_scope(forward):
+    """Run a drop-in layer's forward with torch-function modes off while a noise scope
+    (:mod:`fastnoise.intercept`) is active: the layer handles its own weight, and the scope's
+    mode would otherwise see (and pay for) every op inside the layer."""
+
+    @functools.wraps(forward)
+    def wrapper(self, input):
+        if context.scopes:
+            with torch._C.DisableTorchFunction():
+                return forward(self, input)
+        return forward(self, input)
+
+    return wrapper
+
+
+class Linear(NoisyMixin, nn.Linear):
     """``torch.nn.Linear`` with Gaussian weight noise (see :class:`fastnoise.NoiseSpec`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
@@ -122,18 +211,20 @@ class Linear(_NoisyMixin, nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_noise(spec)
 
+    @_outside_scope
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         args = self._noise_args()
         if args is None:
             return F.linear(input, self.weight, self.bias)
         spec, seed, offset = args
-        pre = pregenerate.lookup(self, spec, seed, offset, input)
-        if pre is not None:  # inside fastnoise.pregenerated(...)
-            return F.linear(input, *pre)
+        if _pregenerated_lookup is not None:
+            pre = _pregenerated_lookup(self, spec, seed, offset, input)
+            if pre is not None:  # inside fastnoise.pregenerated(...)
+                return F.linear(input, *pre)
         return noisy_linear(input, self.weight, self.bias, spec, seed, offset)
 
 
-class Conv2d(_NoisyMixin, nn.Conv2d):
+class Conv2d(NoisyMixin, nn.Conv2d):
     """``torch.nn.Conv2d`` with Gaussian weight noise (see :class:`fastnoise.NoiseSpec`)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -143,91 +234,19 @@ class Conv2d(_NoisyMixin, nn.Conv2d):
                          bias, padding_mode, device, dtype)
         self._init_noise(spec)
 
+    @_outside_scope
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         args = self._noise_args()
         if args is None:
             return self._conv_forward(input, self.weight, self.bias)
         spec, seed, offset = args
-        pre = pregenerate.lookup(self, spec, seed, offset, input)
-        if pre is not None:  # inside fastnoise.pregenerated(...)
-            return self._conv_forward(input, *pre)
+        if _pregenerated_lookup is not None:
+            pre = _pregenerated_lookup(self, spec, seed, offset, input)
+            if pre is not None:  # inside fastnoise.pregenerated(...)
+                return self._conv_forward(input, *pre)
         padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return noisy_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
                             self.groups, spec, seed, offset)
-
-
-_SWAPS = {nn.Linear: Linear, nn.Conv2d: Conv2d}
-_UNSWAPS = {v: k for k, v in _SWAPS.items()}
-
-Exclude = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
-
-
-def _excluded(exclude: Exclude, name: str, module: nn.Module) -> bool:
-    if exclude is None:
-        return False
-    if callable(exclude):
-        return bool(exclude(name, module))
-    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def convert(model: nn.Module, spec: Optional[NoiseSpec] = None, exclude: Exclude = None) -> nn.Module:
-    """Make every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` noisy, in place; returns ``model``.
-
-    The layers keep their identity, parameters, hooks and ``state_dict`` keys (their class is
-    swapped), so optimizers built before still hold the right parameters. Subclasses of the
-    torch layers (which may not call ``forward``) are left alone.
-
-    Args:
-        spec: the noise of every converted layer (default ``NoiseSpec()``).
-        exclude: module names to skip: a glob (``"fc"``, ``"layer4.*"``), a list of globs, or a
-            callable ``(name, module) -> bool``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
-    spec = NoiseSpec() if spec is None else spec
-    if not isinstance(spec, NoiseSpec):
-        raise TypeError(f"spec must be a fastnoise.NoiseSpec, got {type(spec).__name__}")
-    for name, module in model.named_modules():
-        new_cls = _SWAPS.get(type(module))
-        if new_cls is None or _excluded(exclude, name, module):
-            continue
-        module.__class__ = new_cls
-        module._init_noise(spec)
-    return model
-
-
-def restore(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert` (and turn ``fastnoise.Linear``/``Conv2d`` into torch's), in place."""
-    for module in model.modules():
-        old_cls = _UNSWAPS.get(type(module))
-        if old_cls is None:
-            continue
-        del module._buffers["noise_calls"]
-        for attr in ("spec", "noise_id"):
-            module.__dict__.pop(attr, None)
-        module.__class__ = old_cls
-    return model
-
-
-def noisy_layers(model: nn.Module):
-    """``(name, layer)`` for every noisy layer of ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _NoisyMixin)]
-
-
-def noise_state_dict(model: nn.Module) -> dict:
-    """Ids and call counters of the noisy layers: with them a resumed run sees the same noise."""
-    return {n: {"id": m.noise_id, "calls": int(m.noise_calls)} for n, m in noisy_layers(model)}
-
-
-def load_noise_state_dict(model: nn.Module, state: dict) -> None:
-    layers = dict(noisy_layers(model))
-    if set(layers) != set(state):
-        missing, extra = sorted(set(layers) - set(state)), sorted(set(state) - set(layers))
-        raise ValueError(f"noise state does not match the model: missing {missing}, unexpected {extra}")
-    for name, s in state.items():
-        layers[name].noise_id = int(s["id"])
-        layers[name].noise_calls.fill_(int(s["calls"]))

@@ -34,7 +34,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import context, dispatch, functional, reference, rng
+from . import context, dispatch, functional, modules, reference, rng
+from .convert import noisy_layers
 
 __all__ = ["pregenerated", "noisy_weights"]
 
@@ -133,9 +134,8 @@ def _generate(jobs: list) -> list:
 
 
 def _layers(model: nn.Module) -> list:
-    from .modules import noisy_layers
-
-    return noisy_layers(model)
+    """The drop-in layers (fused ops) of ``model``: the ones pregeneration serves."""
+    return [(n, m) for n, m in noisy_layers(model) if isinstance(m, (modules.Linear, modules.Conv2d))]
 
 
 def _offsets_snapshot(jobs: list) -> list:
@@ -274,3 +274,6 @@ def pregenerated(model: nn.Module):
         post.remove()
         for layer in layers:
             _entries.pop(layer, None)
+
+
+modules._pregenerated_lookup = lookup  # the layers ask here; this module imports them, not back

@@ -26,14 +26,20 @@ the noise generation from 118 to 47 SASS instructions per normal
 (``python bench/rng_cost.py``). Kernels work in float32 and match this float64 reference to
 about 1e-6.
 
-Seeds: a module's ``seed`` is ``mix(global seed, module id)`` and its ``offset`` counts its
-noisy forward calls, so every call sees fresh noise and a run is reproducible from
-:func:`manual_seed`. :func:`noise_state_dict` / :func:`load_noise_state_dict` in
-:mod:`fastnoise.modules` save and restore the counters.
+Seeds: a weight's ``seed`` is ``mix(global seed, its id)`` and its ``offset`` counts its noisy
+uses, so every use sees fresh noise and a run is reproducible from :func:`manual_seed`. The id
+follows the model's structure: :func:`fastnoise.convert` sets it from the weight's qualified name
+(:func:`key_id`), so copies inside one model differ, a saved and reloaded model (or a fresh one of
+the same architecture) draws the same noise, and nothing depends on what else the process built.
+:func:`manual_seed` restarts every counter, as ``torch.manual_seed`` restarts dropout.
+:func:`fastnoise.noise_state_dict` / :func:`fastnoise.load_noise_state_dict` save and restore the
+ids and counters.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 
 import torch
@@ -48,6 +54,8 @@ __all__ = [
     "initial_seed",
     "mix64",
     "check_seed",
+    "key_id",
+    "noise_epoch",
     "STREAM_WEIGHT",
     "STREAM_BIAS",
 ]
@@ -154,7 +162,7 @@ def normal_grid(
 
 # ----------------------------------------------------------------------------- seeds
 _MASK64 = (1 << 64) - 1
-_state = {"seed": 0x5EED, "next_id": 0}
+_state = {"seed": 0x5EED, "next_id": 0, "epoch": 0}
 
 
 def mix64(*values: int) -> int:
@@ -169,16 +177,30 @@ def mix64(*values: int) -> int:
     return h >> 1
 
 
-def manual_seed(seed: int) -> None:
-    """Set the global noise seed and restart module ids at 0.
+@torch.compiler.assume_constant_result  # dynamo: a constant of the traced graph
+@functools.lru_cache(maxsize=65536)
+def key_id(key: str) -> int:
+    """A stable 63-bit id of a name (BLAKE2b): the same in every process and on every machine."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
-    Like ``torch.manual_seed``: a script that calls it, then builds its models the same way,
-    sees the same noise.
+
+def manual_seed(seed: int) -> None:
+    """Set the global noise seed and restart every layer's call counter (and the ids of layers
+    built without :func:`fastnoise.convert` at 0).
+
+    Like ``torch.manual_seed`` for dropout: the same forwards after it see the same noise, in
+    this process or another one.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"manual_seed expects an int, got {seed!r}")
     _state["seed"] = seed & _MASK64
     _state["next_id"] = 0
+    _state["epoch"] += 1  # counters compare their epoch with this and restart at 0 when it moved
+
+
+def noise_epoch() -> int:
+    """How many times :func:`manual_seed` ran: a counter kept under an older epoch restarts."""
+    return _state["epoch"]
 
 
 def initial_seed() -> int:

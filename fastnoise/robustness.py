@@ -4,7 +4,10 @@
 with noise (draw ``k`` is one fixed noisy copy of the weights, a simulated chip, see
 :func:`fastnoise.noise`), once without noise for ``eta == 0``. Draw ``k`` uses the same ``z``
 at every eta (only sigma changes), so the curve is smooth in eta, and it depends on
-:func:`fastnoise.initial_seed` and the layers' ids, not on how far training went.
+:func:`fastnoise.initial_seed` and the layers' ids, not on how far training went. With
+``seed=s`` the chips are those of seed ``s`` and of the layers' qualified names in the evaluated
+model: two models of the same architecture (a teacher and its students, a model and its deep
+copy, a model saved and reloaded) are measured on the same simulated chips.
 
 The result prints as a table (eta | mean | std | min | max, accuracies in percent, std over
 draws with Bessel's correction), writes a CSV and a PNG plot; :func:`plot_results` /
@@ -23,8 +26,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import rng
 from .context import noise
-from .modules import noisy_layers
+from .convert import noisy_layers
 from .spec import NoiseSpec
 
 __all__ = ["RobustnessResult", "evaluate_robustness", "results_table", "results_to_csv", "plot_results"]
@@ -192,7 +196,7 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
                         spec: Optional[NoiseSpec] = None, *, device=None, progress: bool = True,
                         name: str = "model", autocast_dtype: Optional[torch.dtype] = None,
                         channels_last: bool = False, distributed: bool = False,
-                        pregenerate: Optional[bool] = None) -> RobustnessResult:
+                        pregenerate: Optional[bool] = None, seed: Optional[int] = None) -> RobustnessResult:
     """Top-1 accuracy (percent) of ``model`` on ``loader`` under weight noise.
 
     For each ``eta``: one clean pass if ``eta == 0``, else ``draws`` passes, pass ``k`` inside
@@ -216,6 +220,9 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
         pregenerate: run the passes inside :func:`fastnoise.pregenerate.pregenerated`, which
             draws each chip's noisy weights once per pass instead of once per batch (same
             results); None: on CUDA only (on the CPU the reference path regenerates per batch).
+        seed: the chips: draw ``k`` of seed ``seed``, each layer named by its place in ``model``
+            (see the module docstring). None: :func:`fastnoise.initial_seed` and the layers' own
+            ids.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -231,6 +238,8 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
+    if seed is not None:
+        rng.check_seed(seed)
     overrides = {} if spec is None else {"scale": spec.scale, "noise_bias": spec.noise_bias}
     passes = [(i, e, k) for i, e in enumerate(etas) for k in (range(1) if e == 0 else range(draws))]
 
@@ -250,10 +259,13 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
         from .pregenerate import pregenerated
 
         keep = pregenerated(model)
+    named = noisy_layers(model) if seed is not None else []
+    for name, layer in named:  # the chips follow the layers' places in this model
+        layer.__dict__["_draw_wids"] = weight_ids(rng.key_id(name), layer.noise_weights)
     try:
         with torch.inference_mode(), keep:
             for i, e, k in passes:
-                ctx = noise(enabled=False) if e == 0 else noise(eta=e, draw=k, **overrides)
+                ctx = noise(enabled=False) if e == 0 else noise(eta=e, draw=k, seed=seed, **overrides)
                 with ctx:
                     correct, total = _top1(model, loader, device, autocast_dtype, channels_last)
                 if distributed:
@@ -269,6 +281,8 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
                 if bar is not None:
                     bar.update(1)
     finally:
+        for _, layer in named:
+            layer.__dict__.pop("_draw_wids", None)
         model.train(was_training)
         if bar is not None:
             bar.close()

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .. import rng
-from ..modules import convert, load_noise_state_dict, noise_state_dict
+from ..convert import convert, load_noise_state_dict, noise_state_dict
 from ..robustness import RobustnessResult, evaluate_robustness
 from ..spec import NoiseSpec
 from . import checkpoint as ckpt
