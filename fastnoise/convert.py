@@ -74,13 +74,26 @@ def _own(module: nn.Module, name: str) -> bool:
     return module._parameters.get(name) is not None
 
 
+def _matrix(p) -> bool:
+    """A parameter of two or more dimensions (a lazy one counts: it will be a layer's weight)."""
+    if p is None:
+        return False
+    if isinstance(p, nn.parameter.UninitializedParameter):
+        return True
+    return p.dim() >= 2
+
+
+def _shape(p) -> str:
+    return "" if p is None or isinstance(p, nn.parameter.UninitializedParameter) else f" {list(p.shape)}"
+
+
 def _plan(module: nn.Module, embeddings: bool):
     """(kind, weights, transposed, skipped, known) for one module: kind ``"linear"`` /
     ``"conv2d"`` / ``"holder"`` / None; ``skipped`` maps own weights left clean to the reason;
     ``known``: whether the weights are matmul weights by the module's type (else candidates that
     get noise where a matmul uses them)."""
     skipped: dict = {}
-    own2d = [n for n, p in module._parameters.items() if p is not None and p.dim() >= 2]
+    own2d = [n for n, p in module._parameters.items() if _matrix(p)]
     if isinstance(module, torch.jit.ScriptModule):
         for n in own2d:
             skipped[n] = f"{_UNREACHABLE}: a TorchScript module (its code cannot be intercepted)"
@@ -185,7 +198,7 @@ def convert(model: nn.Module, spec: Optional[NoiseSpec] = None, exclude: Exclude
             if isinstance(module, (NoisyMixin, ScopeMixin)) and module is not model:
                 _restore_one(module)
             for pname, p in module._parameters.items():
-                if p is not None and p.dim() >= 2:
+                if _matrix(p):
                     clean[_qual(name, pname)] = "excluded"
             continue
         if isinstance(module, NoisyMixin):  # converted before: the new spec, named by its place now
@@ -199,7 +212,7 @@ def convert(model: nn.Module, spec: Optional[NoiseSpec] = None, exclude: Exclude
             clean[_qual(name, pname)] = why
         kept = []
         for pname in weights:
-            if _match(exclude, _qual(name, pname), module._parameters[pname], used):
+            if _match(exclude, _qual(name, pname), module._parameters.get(pname, module), used):
                 clean[_qual(name, pname)] = "excluded"
             else:
                 kept.append(pname)
@@ -209,6 +222,11 @@ def convert(model: nn.Module, spec: Optional[NoiseSpec] = None, exclude: Exclude
     if not isinstance(model, (NoisyMixin, ScopeMixin)):
         model.__class__ = noisy_class("scope", type(model))
     unmatched = [p for p in _patterns(exclude) if p not in used]
+    # a weight tied to a noisy one (GPT-2's embedding and lm_head) is not left clean: say it apart
+    noisy_ids = {id(m._parameters[w]) for _, m in noisy_layers(model) for w in m.noise_weights
+                 if m._parameters.get(w) is not None}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    clean = {q: why for q, why in clean.items() if q not in params or id(params[q]) not in noisy_ids}
     model.__dict__["_fastnoise_clean"] = dict(clean)
     model.__dict__["_fastnoise_unmatched"] = list(unmatched)
     _report_convert(model, clean, unmatched, strict)
@@ -237,14 +255,12 @@ def _make_noisy(module, kind, weights, transposed, known, spec, name, embeddings
 def _report_convert(model, clean: dict, unmatched: list, strict: bool) -> None:
     if not clean and not unmatched:
         return
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     lines = []
     if clean:
         lines.append(f"fastnoise.convert left {len(clean)} weight(s) clean:")
         for qual, why in clean.items():
-            p = params.get(qual)
-            shape = f" {list(p.shape)}" if p is not None else ""
-            lines.append(f"  {qual}{shape}: {why}")
+            lines.append(f"  {qual}{_shape(params.get(qual))}: {why}")
     for p in unmatched:
         lines.append(f"fastnoise.convert: exclude pattern {p!r} matched no module or weight")
     message = "\n".join(lines)

@@ -29,6 +29,7 @@ from torch import nn
 from . import rng
 from .context import noise
 from .convert import noisy_layers
+from .modules import weight_ids
 from .spec import NoiseSpec
 
 __all__ = ["RobustnessResult", "evaluate_robustness", "results_table", "results_to_csv", "plot_results"]
