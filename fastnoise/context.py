@@ -20,6 +20,10 @@ class NoiseOverride:
     changes: tuple  # (field, value) pairs applied to each module's spec
     draw: Optional[int]
     seed: Optional[int] = None  # draws: the global noise seed to use instead of initial_seed()
+    # draws: the draw as an int64 tensor, the offset compiled graphs read (an int would be a
+    # constant of the graph: one recompilation per chip)
+    draw_tensor: Optional[torch.Tensor] = None
+    has_draw: bool = False  # what compiled code branches on (not on the draw's value)
 
     def apply(self, spec: NoiseSpec) -> NoiseSpec:
         if not self.changes:
@@ -70,7 +74,11 @@ def noise(eta: Optional[float] = None, scale: Optional[str] = None,
         from .rng import check_seed
 
         check_seed(seed)
-    _stack.append(NoiseOverride(bool(enabled), changes, draw, seed))
+    draw_tensor = None
+    if draw is not None:
+        with torch.inference_mode(False):
+            draw_tensor = torch.tensor(draw & 0xFFFFFFFF, dtype=torch.int64)
+    _stack.append(NoiseOverride(bool(enabled), changes, draw, seed, draw_tensor, draw is not None))
     try:
         yield
     finally:

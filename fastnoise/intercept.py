@@ -100,7 +100,7 @@ def _kind(func) -> str:
         return "matmul"
     if name in EMBEDDING_OPS:
         return "embedding"
-    if name in _UNTRACKED or name.endswith("_"):  # in place, or an alias for writing
+    if name in _UNTRACKED or (name.endswith("_") and not name.startswith("__")):  # in place
         return "untracked"
     return "view" if name in _VIEW_OPS else "other"
 
@@ -351,11 +351,19 @@ def scoped(module: nn.Module) -> bool:
     return isinstance(module, ScopeMixin)
 
 
-_SEP = "\u00a6"  # a character no module or class name has: kind | module | qualname
+def _escape(text: str) -> str:
+    return text.replace("_", "_u").replace(".", "_d")
+
+
+def _unescape(text: str) -> str:
+    return text.replace("_d", ".").replace("_u", "_")
 
 
 def _class_name(kind: str, base: type) -> str:
-    return _SEP.join((kind, base.__module__.replace(".", "\u00b7"), base.__qualname__.replace(".", "\u00b7")))
+    """An ASCII attribute name (pickle protocol 2, which torch.save uses, wants ASCII) that
+    :func:`__getattr__` turns back into ``noisy_class(kind, base)``: kind, module and qualname
+    with ``_`` and ``.`` escaped, joined by ``_s``."""
+    return "_s".join(("noisy", kind, _escape(base.__module__), _escape(base.__qualname__)))
 
 
 @functools.cache
@@ -392,12 +400,12 @@ def base_class(cls: type) -> type:
 
 def __getattr__(name: str):
     """Unpickling a model saved with noisy classes: rebuild the class from its name."""
-    parts = name.split(_SEP)
-    if len(parts) != 3:
+    parts = name.split("_s")
+    if len(parts) != 4 or parts[0] != "noisy":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    kind, mod, qual = parts[0], parts[1].replace("\u00b7", "."), parts[2].replace("\u00b7", ".")
+    kind, mod, qual = parts[1], _unescape(parts[2]), _unescape(parts[3])
     obj = importlib.import_module(mod)
     for part in qual.split("."):
         obj = getattr(obj, part)

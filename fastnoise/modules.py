@@ -130,11 +130,13 @@ class NoisyMixin:
         compiling = torch.compiler.is_compiling()
         # memoized in eager; dynamo traces mix64 itself (it warns about lru_cache wrappers)
         mix = rng.mix64 if compiling else _seed
-        if override is not None and override.draw is not None:
+        if override is not None and override.has_draw:
             base = rng.initial_seed() if override.seed is None else override.seed
             # evaluate_robustness(seed=...) names the chips by the layers' places in its model
             wids = self.__dict__.get("_draw_wids") or self._noise_wids
-            return spec, mix(base, *wids[name], _DRAW_TAG), override.draw
+            # compiled: the draw as a tensor input, so another chip reuses the graph
+            draw = override.draw_tensor if compiling else override.draw
+            return spec, mix(base, *wids[name], _DRAW_TAG), draw
         seed = mix(rng.initial_seed(), *self._noise_wids[name])
         if not compiling and torch._C._current_graph_task_id() != -1:
             raise RuntimeError(

@@ -20,6 +20,7 @@ the statistics above and receives noise of the same size.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,13 @@ class NoiseSpec:
         """The float32 sigma tensor the kernels read (see :attr:`mode`), on ``weight.device``.
 
         ``[1]`` for per-tensor scales and ``proportional`` (where it holds ``eta``),
-        ``[out]`` for ``absmax_per_channel``. No host synchronisation.
+        ``[out]`` for ``absmax_per_channel``.
+
+        From the finite elements only: a NaN or inf in the weight then poisons the outputs that
+        torch would poison (those that multiply it), not every output of the layer. On the CPU
+        the check is one comparison and such a weight warns once; on CUDA and in traced graphs,
+        where it would cost a host synchronisation, a non-finite sigma becomes 0 (that call of
+        that layer draws no noise) without a warning.
         """
         # min/max in the weight's own dtype (exact, and no float32 copy of W), then float32
         w = weight.detach().reshape(weight.shape[0], -1)
@@ -91,24 +98,58 @@ class NoiseSpec:
             b = bias.detach().float().reshape(-1, 1)
         if self.scale == "proportional":
             return torch.full((1,), self.eta, dtype=torch.float32, device=weight.device)
+        s = self._from(w, b, torch.aminmax)
+        if weight.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+        if bool(torch.isfinite(s).all()):
+            return s
+        s = self._from(w, b, _finite_aminmax)  # sigma of the finite elements
+        _warn_nonfinite(weight)
+        return torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def _from(self, w: torch.Tensor, b, aminmax) -> torch.Tensor:
         if self.scale == "absmax_per_channel":
-            lo, hi = torch.aminmax(w, dim=1)
+            lo, hi = aminmax(w, dim=1)
             m = torch.maximum(hi.float(), -lo.float())
             if b is not None:
-                m = torch.maximum(m, b.abs().reshape(-1))
+                blo, bhi = aminmax(b, dim=1)
+                m = torch.maximum(m, torch.maximum(bhi, -blo))
             return m * self.eta
-        lo, hi = torch.aminmax(w)
+        lo, hi = aminmax(w)
         lo, hi = lo.float(), hi.float()
-        if self.scale == "range":
-            if b is not None:
-                hi, lo = torch.maximum(hi, b.max()), torch.minimum(lo, b.min())
-            return ((hi - lo) * self.eta).reshape(1)
-        # absmax
-        m = torch.maximum(hi, -lo)
         if b is not None:
-            m = torch.maximum(m, b.abs().max())
-        return (m * self.eta).reshape(1)
+            blo, bhi = aminmax(b)
+            if self.scale == "range":
+                hi, lo = torch.maximum(hi, bhi), torch.minimum(lo, blo)
+            else:
+                hi, lo = torch.maximum(hi, torch.maximum(bhi, -blo)), lo
+        if self.scale == "range":
+            return ((hi - lo) * self.eta).reshape(1)
+        return (torch.maximum(hi, -lo) * self.eta).reshape(1)
 
     def __str__(self) -> str:
         bias = ", noise_bias=True" if self.noise_bias else ""
         return f"NoiseSpec(eta={self.eta:g}, scale={self.scale!r}{bias})"
+
+
+def _finite_aminmax(t: torch.Tensor, dim=None):
+    """``torch.aminmax`` over the finite elements (+inf / -inf where a row has none)."""
+    finite = torch.isfinite(t)
+    lo = torch.where(finite, t, torch.inf)
+    hi = torch.where(finite, t, -torch.inf)
+    if dim is None:
+        return lo.amin(), hi.amax()
+    return lo.amin(dim=dim), hi.amax(dim=dim)
+
+
+_warned_nonfinite: list = []
+
+
+def _warn_nonfinite(weight: torch.Tensor) -> None:
+    if _warned_nonfinite:
+        return
+    _warned_nonfinite.append(True)
+    bad = int((~torch.isfinite(weight.detach())).sum())
+    warnings.warn(f"fastnoise: a weight of shape {tuple(weight.shape)} has {bad} NaN or inf element(s); "
+                  "its noise scale is taken from the finite elements (warned once)", RuntimeWarning,
+                  stacklevel=4)

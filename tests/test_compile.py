@@ -123,3 +123,49 @@ def test_compiled_eval_draw_follows_weight_changes():
     torch.testing.assert_close(a, eager_a, **TOL)
     torch.testing.assert_close(b, eager_b, **TOL)
     assert not torch.allclose(a, b)
+
+
+# ----------------------------------------------------------------------------- converted models
+def _vit():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=24, num_classes=5)
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 0.1)  # torchvision starts it at zero (sigma 0)
+    return model, torch.randn(2, 3, 16, 16)
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40, n_positions=16)
+    return transformers.GPT2LMHeadModel(cfg), torch.randint(0, 40, (2, 7))
+
+
+@pytest.mark.parametrize("build", [_vit, _gpt2], ids=["vit", "gpt2"])
+def test_compiled_converted_model_matches_eager_on_a_chip(build):
+    """The noise scope (a TorchFunctionMode) is traced: MultiheadAttention's in_proj, GPT-2's
+    Conv1D weights and the fused layers all draw the chip's noise inside the compiled graph."""
+    import warnings
+
+    model, x = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fastnoise.CoverageWarning)  # GPT-2's position embedding
+        fastnoise.convert(model, NoiseSpec(0.08, "absmax"))
+    model.eval()
+
+    def logits(m):
+        out = m(x)
+        return out.logits if hasattr(out, "logits") else out
+
+    clean = logits(model)
+    compiled = torch.compile(model, fullgraph=True)
+    for k in (0, 3):
+        with fastnoise.noise(draw=k):
+            eager = logits(model)
+            # another chip is another value of the same graph input: no recompilation
+            with torch._dynamo.config.patch(error_on_recompile=k > 0):
+                got = logits(compiled)
+        assert not torch.allclose(eager, clean)
+        torch.testing.assert_close(got, eager, **TOL)
