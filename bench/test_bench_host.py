@@ -117,3 +117,94 @@ def test_host_train_step_linear(benchmark, provider):
     benchmark.group = "host linear train (forward + backward)"
     benchmark(step)
     _record(benchmark, ("linear", "train"), provider)
+
+
+# ----------------------------------------------------------------------------- reaching every use
+class _SubclassWeight(nn.Parameter):
+    """The alternative to a noise scope that fastnoise.intercept's design note weighs: a weight
+    subclass whose ``__torch_function__`` routes ``F.linear`` to the fused op (as torchao's
+    quantized weights do). A measurement prototype only: it handles eval calls under a fixed draw."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            owner = w._fastnoise_owner
+            spec, seed, offset = owner._noise_args()
+            with torch._C.DisableTorchFunctionSubclass():
+                return fastnoise.functional.noisy_linear(x, w, b, spec, seed, offset)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def _mechanism(provider):
+    """One 16 -> 16 linear reached three ways (see the design note in fastnoise/intercept.py)."""
+    torch.manual_seed(0)
+    if provider == "drop-in":  # fastnoise.Linear: its forward calls the fused op
+        return fastnoise.Linear(16, 16)
+    if provider == "scope":  # nn.Linear's F.linear seen by a converted model's noise scope
+        class Direct(nn.Module):  # uses the child's weight outside the child's forward
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(16, 16)
+
+            def forward(self, x):
+                return F.linear(x, self.fc.weight, self.fc.bias)
+
+        return fastnoise.convert(Direct())
+    layer = fastnoise.Linear(16, 16)
+    weight = _SubclassWeight(layer.weight.detach().clone())
+    weight._fastnoise_owner = layer
+    layer._parameters["weight"] = weight
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = layer
+
+        def forward(self, x):
+            return F.linear(x, self.fc.weight, self.fc.bias)
+
+    return Functional()
+
+
+@pytest.mark.parametrize("provider", ["drop-in", "scope", "subclass"])
+def test_host_reach_a_weight(benchmark, provider):
+    """Host time of one noisy eval call, by how fastnoise reaches the weight."""
+    model = _mechanism(provider).eval()
+    x = torch.randn(2, 16)
+    benchmark.group = "host: how an eval call reaches its weight"
+    with torch.no_grad(), fastnoise.noise(eta=ETA, draw=3):
+        benchmark(model, x)
+    _MEDIANS[("reach", provider)] = benchmark.stats.stats.median
+    base = _MEDIANS.get(("reach", "drop-in"))
+    if base and provider != "drop-in":
+        benchmark.extra_info["ratio_vs_drop_in"] = _MEDIANS[("reach", provider)] / base
+
+
+def _mlp(provider):
+    torch.manual_seed(0)
+    if provider == "layers":  # built from fastnoise layers: no scope
+        return nn.Sequential(fastnoise.Linear(16, 16), nn.ReLU(), fastnoise.Linear(16, 16), nn.ReLU(),
+                             fastnoise.Linear(16, 4))
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    return fastnoise.convert(model) if provider == "converted" else model
+
+
+@pytest.mark.parametrize("provider", ["clean", "layers", "converted"])
+def test_host_scope_of_a_converted_model(benchmark, provider):
+    """What the noise scope of a converted model costs per forward (its mode sees the ReLUs; the
+    drop-in layers step out of it): a 3-layer MLP eval call, as torch layers, as fastnoise layers
+    (no scope) and converted (scope)."""
+    model = _mlp(provider).eval()
+    x = torch.randn(2, 16)
+    benchmark.group = "host: 3-layer MLP eval call (noise scope cost)"
+    with torch.no_grad(), fastnoise.noise(eta=ETA, draw=3):
+        benchmark(model, x)
+    _MEDIANS[("mlp", provider)] = benchmark.stats.stats.median
+    for base in ("clean", "layers"):
+        other = _MEDIANS.get(("mlp", base))
+        if other and base != provider:
+            benchmark.extra_info[f"ratio_vs_{base}"] = _MEDIANS[("mlp", provider)] / other

@@ -34,7 +34,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
 
 from . import rng
-from .intercept import ScopeMixin, base_class, noisy_class
+from .intercept import ScopeMixin, base_class, invalidate, noisy_class
 from .modules import Conv2d, Linear, NoisyMixin, counter_name
 from .spec import NoiseSpec
 
@@ -191,6 +191,7 @@ def convert(model: nn.Module, spec: Optional[NoiseSpec] = None, exclude: Exclude
         raise TypeError(f"spec must be a fastnoise.NoiseSpec, got {type(spec).__name__}")
     if not isinstance(strict, bool) or not isinstance(embeddings, bool):
         raise TypeError(f"strict and embeddings must be bools, got {strict!r} and {embeddings!r}")
+    invalidate()
     used: set = set()
     clean: dict = {}
     for name, module in list(model.named_modules()):
@@ -275,7 +276,8 @@ def _restore_one(module: nn.Module) -> None:
     cls = type(module)
     if isinstance(module, NoisyMixin):
         module._drop_noise()
-    for attr in ("noise_uses", "noise_transposed", "noise_candidates", "noise_embeddings", "_draw_wids"):
+    for attr in ("noise_uses", "noise_transposed", "noise_candidates", "noise_embeddings", "_draw_wids",
+                 "_fastnoise_table"):
         module.__dict__.pop(attr, None)
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and "cls_to_become" in module.__dict__:
         del module.__dict__["cls_to_become"]
@@ -285,6 +287,7 @@ def _restore_one(module: nn.Module) -> None:
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo :func:`convert` (and turn ``fastnoise.Linear``/``Conv2d`` into torch's), in place."""
+    invalidate()
     for module in model.modules():
         _restore_one(module)
     for attr in ("_fastnoise_clean", "_fastnoise_unmatched"):

@@ -27,6 +27,18 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned: set[str] = set()
 
 
+_MODE_KEY = torch._C._TorchDispatchModeKey
+
+
+def tracing() -> bool:
+    """Compiling, tracing (``torch.jit.trace``, ``make_fx``) or under ``FakeTensorMode``: the
+    values seen are not the ones a later call will see, so nothing may be kept, skipped or read
+    back to the host."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._get_dispatch_mode(_MODE_KEY.FAKE) is not None
+            or torch._C._get_dispatch_mode(_MODE_KEY.PROXY) is not None)
+
+
 def check_path(path: str) -> str:
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")

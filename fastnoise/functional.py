@@ -100,15 +100,7 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
 _step_hook = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
-_MODE_KEY = torch._C._TorchDispatchModeKey
-
-
-def _tracing() -> bool:
-    """Compiling, tracing (``torch.jit.trace``, ``make_fx``) or under ``FakeTensorMode``: the
-    values seen are not the ones a later call will see, so nothing may be kept or skipped."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch._C._get_dispatch_mode(_MODE_KEY.FAKE) is not None
-            or torch._C._get_dispatch_mode(_MODE_KEY.PROXY) is not None)
+_tracing = dispatch.tracing
 
 
 def _eager(device: torch.device) -> bool:

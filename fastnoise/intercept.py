@@ -308,11 +308,18 @@ def _contains(args, kwargs, t) -> bool:
     return False
 
 
-def _table(root: nn.Module) -> tuple[dict, frozenset]:
-    """``id(weight) -> (holder, name)`` for the noisy weights under ``root``, and the ids of its
-    modules (a module inside an open scope of its model opens none of its own)."""
+# bumped by every convert / restore: a kept table of noisy weights is rebuilt after one
+_generation = [0]
+
+
+def invalidate() -> None:
+    _generation[0] += 1
+
+
+def _build_table(root: nn.Module) -> tuple[dict, frozenset, list]:
     table: dict = {}
     members = []
+    check = []
     for m in root.modules():
         members.append(id(m))
         if isinstance(m, NoisyMixin) and "noise_weights" in m.__dict__:
@@ -320,7 +327,23 @@ def _table(root: nn.Module) -> tuple[dict, frozenset]:
                 t = m._parameters.get(name)
                 if t is not None and id(t) not in table:
                     table[id(t)] = (m, name)
-    return table, frozenset(members)
+                    check.append((m._parameters, name, t))
+    return table, frozenset(members), check
+
+
+def _table(root: nn.Module) -> tuple[dict, frozenset]:
+    """``id(weight) -> (holder, name)`` for the noisy weights under ``root``, and the ids of its
+    modules (a module inside an open scope of its model opens none of its own). Kept on the root
+    while no convert / restore ran and every weight is still the same tensor object
+    (``load_state_dict(assign=True)`` or a ``Module.to`` that swaps tensors make new ones)."""
+    if torch.compiler.is_compiling():
+        return _build_table(root)[:2]
+    kept = root.__dict__.get("_fastnoise_table")
+    if kept is not None and kept[0] == _generation[0] and all(ps.get(n) is t for ps, n, t in kept[3]):
+        return kept[1], kept[2]
+    table, members, check = _build_table(root)
+    root.__dict__["_fastnoise_table"] = (_generation[0], table, members, check)
+    return table, members
 
 
 # ----------------------------------------------------------------------------- scoped classes

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .dispatch import tracing
+
 __all__ = ["NoiseSpec", "SCALES", "MODE_TENSOR", "MODE_ROW", "MODE_PROPORTIONAL"]
 
 SCALES = ("range", "absmax", "absmax_per_channel", "proportional")
@@ -98,48 +100,44 @@ class NoiseSpec:
             b = bias.detach().float().reshape(-1, 1)
         if self.scale == "proportional":
             return torch.full((1,), self.eta, dtype=torch.float32, device=weight.device)
-        s = self._from(w, b, torch.aminmax)
-        if weight.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        s = self._from(w, b, finite=False)
+        if weight.device.type != "cpu" or tracing():
             return torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
         if bool(torch.isfinite(s).all()):
             return s
-        s = self._from(w, b, _finite_aminmax)  # sigma of the finite elements
+        s = self._from(w, b, finite=True)  # sigma of the finite elements
         _warn_nonfinite(weight)
         return torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
 
-    def _from(self, w: torch.Tensor, b, aminmax) -> torch.Tensor:
+    def _from(self, w: torch.Tensor, b, finite: bool) -> torch.Tensor:
+        if finite:
+            ok = torch.isfinite(w)
+            w_lo, w_hi = torch.where(ok, w, torch.inf), torch.where(ok, w, -torch.inf)
+            if b is not None:
+                b = torch.where(torch.isfinite(b), b, 0.0)
         if self.scale == "absmax_per_channel":
-            lo, hi = aminmax(w, dim=1)
+            if finite:
+                lo, hi = w_lo.amin(dim=1), w_hi.amax(dim=1)
+            else:
+                lo, hi = torch.aminmax(w, dim=1)
             m = torch.maximum(hi.float(), -lo.float())
             if b is not None:
-                blo, bhi = aminmax(b, dim=1)
-                m = torch.maximum(m, torch.maximum(bhi, -blo))
+                m = torch.maximum(m, b.abs().reshape(-1))
             return m * self.eta
-        lo, hi = aminmax(w)
+        lo, hi = (w_lo.amin(), w_hi.amax()) if finite else torch.aminmax(w)
         lo, hi = lo.float(), hi.float()
-        if b is not None:
-            blo, bhi = aminmax(b)
-            if self.scale == "range":
-                hi, lo = torch.maximum(hi, bhi), torch.minimum(lo, blo)
-            else:
-                hi, lo = torch.maximum(hi, torch.maximum(bhi, -blo)), lo
         if self.scale == "range":
+            if b is not None:
+                hi, lo = torch.maximum(hi, b.max()), torch.minimum(lo, b.min())
             return ((hi - lo) * self.eta).reshape(1)
-        return (torch.maximum(hi, -lo) * self.eta).reshape(1)
+        m = torch.maximum(hi, -lo)  # absmax
+        if b is not None:
+            m = torch.maximum(m, b.abs().max())
+        return (m * self.eta).reshape(1)
 
     def __str__(self) -> str:
         bias = ", noise_bias=True" if self.noise_bias else ""
         return f"NoiseSpec(eta={self.eta:g}, scale={self.scale!r}{bias})"
-
-
-def _finite_aminmax(t: torch.Tensor, dim=None):
-    """``torch.aminmax`` over the finite elements (+inf / -inf where a row has none)."""
-    finite = torch.isfinite(t)
-    lo = torch.where(finite, t, torch.inf)
-    hi = torch.where(finite, t, -torch.inf)
-    if dim is None:
-        return lo.amin(), hi.amax()
-    return lo.amin(dim=dim), hi.amax(dim=dim)
 
 
 _warned_nonfinite: list = []
