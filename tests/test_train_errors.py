@@ -125,12 +125,15 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
     assert _snapshot(out) == done
 
 
-def test_resume_without_checkpoint(tmp_path, capsys):
+def test_resume_refuses_a_partial_config_instead_of_filling_in_defaults(tmp_path, capsys):
     out = str(tmp_path / "run")
     os.makedirs(out)
     with open(os.path.join(out, "config.yaml"), "w") as f:
         f.write("name: digits\n")
-    _fails(capsys, ["train", "--resume", "--out", out], "has no last.pt")
+    _fails(capsys, ["train", "--resume", "--out", out], "config.yaml is damaged or incomplete", "lacks seed")
+    _fails(capsys, ["eval", "--run", out], "config.yaml is damaged or incomplete")
+    os.remove(os.path.join(out, "config.yaml"))
+    _fails(capsys, ["train", "--resume", "--out", out], "has no config.yaml")
 
 
 def test_eval_and_demo_refuse_foreign_folders(tmp_path, capsys):
