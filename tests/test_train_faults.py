@@ -6,7 +6,6 @@ Commands run in forks of one preloaded server (``_fault_harness.Runner``): real 
 by ``FASTNOISE_FAULT`` (:mod:`fastnoise.train.runfolder`), at ~1 s each instead of ~10 s.
 """
 
-import csv
 import json
 import os
 import random
@@ -16,23 +15,12 @@ import subprocess
 
 import pytest
 import torch
-from _fault_harness import Runner
+from _fault_harness import RESUME, RUN, Runner, assert_same_run, read_bytes
 
 from fastnoise.cli import main
 from fastnoise.train import runfolder as rf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-# 5 steps per epoch, 3 epochs; a log row every 2 steps and at each epoch's end, a checkpoint every
-# 3 steps inside an epoch and at each epoch's end; noisy validation, so best.pt follows the noisy score
-RUN = ["train", "--recipe", "digits", "--no-progress", "--device", "cpu", "model.arch=digits_mlp",
-       "model.init=null", "method.name=noise", "noise.eta=0.1", "data.batch_size=256", "schedule.epochs=3",
-       "log.every=2", "checkpoint.every_steps=3", "eval.etas=[0.0, 0.1]", "eval.draws=2",
-       "eval.epoch_draws=1"]
-RESUME = ["train", "--resume", "--no-progress", "--device", "cpu"]
-FILES = ["best.pt", "config.yaml", "last.pt", "metrics.csv", "metrics.json", "model.pth", "robustness.csv",
-         "robustness.png", "steps.csv"]
-
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
@@ -62,49 +50,6 @@ def _continue(runner, folder, cwd, fault=None):
     if os.path.isfile(os.path.join(folder, "config.yaml")):
         return runner.run([*RESUME, "--out", folder], cwd, fault)
     return runner.run([*RUN, "--out", folder], cwd, fault)
-
-
-def _rows(path, drop=("seconds",)):
-    with open(path, newline="") as f:
-        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
-
-
-def _same(a, b, where=""):
-    """Equal, tensors bit for bit, ignoring the wall-clock ``seconds`` of metrics rows."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict), where
-        keys = set(a) - {"seconds"}
-        assert keys == set(b) - {"seconds"}, f"{where}: {sorted(keys ^ (set(b) - {'seconds'}))}"
-        for k in keys:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def _read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def assert_same_run(folder, ref, files=FILES):
-    """``folder`` holds what the uninterrupted ``ref`` holds, and nothing else (no temporary files)."""
-    assert rf.user_entries(folder) == sorted(files)
-    assert [n for n in os.listdir(folder) if n not in files] == [rf.LOCK_NAME]
-    for name in ("config.yaml", "steps.csv", "robustness.csv", "robustness.png"):
-        if name in files:
-            assert _read(os.path.join(folder, name)) == _read(os.path.join(ref, name)), name
-    assert _rows(os.path.join(folder, "metrics.csv")) == _rows(os.path.join(ref, "metrics.csv"))
-    _same(*[json.load(open(os.path.join(d, "metrics.json"))) for d in (folder, ref)])
-    for name in ("last.pt", "best.pt", "model.pth"):
-        if name in files:
-            _same(torch.load(os.path.join(folder, name), weights_only=True),
-                  torch.load(os.path.join(ref, name), weights_only=True), name)
 
 
 def _assert_consistent(folder):
@@ -186,7 +131,7 @@ def _snapshot(root):
     for d, _, files in os.walk(root):
         for f in files:
             if f != rf.LOCK_NAME:
-                out[os.path.relpath(os.path.join(d, f), root)] = _read(os.path.join(d, f))
+                out[os.path.relpath(os.path.join(d, f), root)] = read_bytes(os.path.join(d, f))
     return out
 
 

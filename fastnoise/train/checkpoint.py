@@ -35,8 +35,13 @@ def load_file(path: str, what: str = "checkpoint", mmap: bool = False):
         raise ConfigError(f"{what} file {path!r} does not exist")
     if not os.path.isfile(path):
         raise ConfigError(f"{what} file {path!r} is not a file")
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not mappable: read it, which also gives the clearer error
+            pass
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several kinds for a file that is not a checkpoint
         from .runfolder import first_line
 

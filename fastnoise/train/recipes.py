@@ -210,7 +210,9 @@ def _choice(cfg, key, options):
     node = cfg
     for p in key.split("."):
         node = node[p]
-    if node not in options:
+    # 1 == True in Python: a number is not a yes/no
+    numeric = isinstance(node, (int, float)) and not isinstance(node, bool)
+    if node not in options or (numeric and any(isinstance(o, bool) for o in options)):
         raise ConfigError(f"{key} must be one of {list(options)}, got {node!r}")
 
 

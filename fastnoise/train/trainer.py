@@ -508,10 +508,10 @@ class Trainer:
         state = ckpt.load_file(path, "checkpoint")
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
             raise ConfigError(f"{path!r} is not a fastnoise checkpoint of version {CHECKPOINT_VERSION}")
+        bad = rf.first_nonfinite(state.get("model"))
+        if bad is not None:
+            raise ConfigError(f"{path!r} holds non-finite weights ({bad}): it is damaged")
         try:
-            bad = rf.first_nonfinite(state["model"])
-            if bad is not None:
-                raise ConfigError(f"{path!r} holds non-finite weights ({bad}): it is damaged")
             self.base.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
