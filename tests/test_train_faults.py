@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 import torch
-from _fault_harness import RESUME, RUN, Runner, assert_same_run, read_bytes
+from _fault_harness import FILES, RESUME, RUN, Runner, assert_same_run, read_bytes
 
 from fastnoise.cli import main
 from fastnoise.train import runfolder as rf
@@ -264,3 +264,23 @@ def test_the_comparison_sees_a_one_value_difference(reference, tmp_path):
             p.write_text(p.read_text().replace(",0.002\n", ",0.0020001\n", 1))
         with pytest.raises(AssertionError):
             assert_same_run(str(copy), ref)
+
+
+def test_kills_inside_the_teacher_run_resume_to_the_same_teacher_and_student(runner, tmp_path):
+    """KD with a clean teacher trained first in RUN/teacher: kills in the teacher's run and at its
+    final weights, then --resume of the student's folder, equal an uninterrupted run."""
+    kd = [*RUN[:6], "model.arch=digits_mlp", "method.name=kd", "teacher.epochs=1", "noise.eta=0.1",
+          "data.batch_size=256", "schedule.epochs=1", "checkpoint.every_steps=2", "eval.etas=[0.0, 0.1]",
+          "eval.draws=2", "eval.epoch_draws=1"]
+    ref, folder = str(tmp_path / "ref"), str(tmp_path / "run")
+    code, out = runner.run([*kd, "--out", ref], tmp_path)
+    assert code == 0, out
+    code, out = runner.run([*kd, "--out", folder], tmp_path, fault="after:teacher/last.pt:1")
+    assert code == -9, out
+    for point in ("torn:teacher/steps.csv", "temp:teacher/model.pth", "after:teacher/robustness.png"):
+        code, out = runner.run([*RESUME, "--out", folder], tmp_path, fault=point)
+        assert code == -9, f"{point}: {out}"
+    code, out = runner.run([*RESUME, "--out", folder], tmp_path)
+    assert code == 0, out
+    assert_same_run(os.path.join(folder, "teacher"), os.path.join(ref, "teacher"))
+    assert_same_run(folder, ref, files=[*FILES, "teacher"])

@@ -8,7 +8,10 @@ Datasets (``data.dataset``):
   ``test_batch``, ``batches.meta``), augmented with a 4-pixel padded random crop and a flip.
 - ``imagefolder``: torchvision ``ImageFolder`` ``train/`` and ``val/`` folders (ImageNet
   layout) with the usual ImageNet augmentation (random resized crop + flip; resize + centre
-  crop for validation).
+  crop for validation). An image that cannot be read is an error naming the file, or, with
+  ``data.skip_unreadable=true``, replaced by the next readable sample and reported on stderr.
+
+Every dataset must have at least two classes.
 
 Data order: epoch ``e`` visits the training set in ``randperm(n)`` drawn from a generator seeded
 with ``(seed, e)``; step ``s`` takes the global batch ``perm[s*B:(s+1)*B]`` and rank ``r`` of

@@ -344,6 +344,25 @@ def repair_csv(path: str, key: str, limit: int) -> Optional[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- one writer
+_held_fds: set = set()  # lock descriptors of this process
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, say): close the parent's lock descriptors. A flock
+    belongs to the open file, which a fork shares: a worker that outlives its run (persistent
+    workers, a failed run's loader not yet collected) would otherwise keep the folder locked."""
+    for fd in list(_held_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class RunLock:
     """An exclusive ``fcntl.flock`` on ``FOLDER/.fastnoise.lock``, held until :meth:`release`.
 
@@ -383,16 +402,18 @@ class RunLock:
             os.close(fd)
             raise _write_error(e, self.path) from e
         self._fd = fd
+        _held_fds.add(fd)
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._fd in _held_fds:  # (not in a fork, which closed it)
+            _held_fds.discard(self._fd)
             os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
+        self._fd = None
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._fd is not None and self._fd in _held_fds
 
     def __enter__(self) -> RunLock:
         return self.acquire()

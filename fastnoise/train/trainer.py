@@ -1,7 +1,9 @@
 """The training loop: one :class:`Trainer` per run folder.
 
-``Trainer(config, out_dir).fit()`` checks everything it will need (data folder, class counts,
-teacher file, run folder) before it writes anything, then trains and leaves in ``out_dir``:
+``Trainer(config, out_dir).fit()`` checks everything it will need (every setting, data folder,
+class counts, batch size against the data, the model against the data's shape, teacher file, run
+folder) before it writes anything, takes the run folder's lock (``.fastnoise.lock``, held until
+``fit`` returns; :mod:`fastnoise.train.runfolder`), then trains and leaves in ``out_dir``:
 
 - ``config.yaml``: the resolved settings;
 - ``steps.csv``: step, epoch, loss, lr every ``log.every`` steps (loss averaged over ranks);
@@ -10,10 +12,16 @@ teacher file, run folder) before it writes anything, then trains and leaves in `
   over ``eval.epoch_draws`` chips, lr, seconds);
 - ``last.pt`` (every epoch, every ``checkpoint.every_steps`` steps, and at ``stop_at_step``):
   model, optimizer, scheduler, GradScaler, the layers' noise ids and call counters, the noise
-  seed, torch's RNG states, epoch, step in epoch and the running sums of the epoch's metrics;
-  ``best.pt`` (best noisy validation top-1, or clean where there is no noise);
+  seed, torch's RNG states, epoch, step in epoch, the running sums of the epoch's metrics, the
+  resolved settings, the metrics rows and the epoch of ``best.pt``; only from finite weights;
+  ``best.pt`` (best noisy validation top-1, or clean where there is no noise), written before the
+  epoch's ``last.pt``;
 - ``model.pth`` (the final weights, a plain ``state_dict``) and ``robustness.csv`` /
   ``robustness.png`` (top-1 mean and std over ``eval.draws`` chips per ``eval.etas``).
+
+Every file is written atomically; on resume ``steps.csv`` is cut back to the checkpoint, the
+metrics files are rebuilt from ``last.pt``, and ``config.yaml`` must agree with ``last.pt``. A run
+whose loss or weights become non-finite stops with :class:`~fastnoise.train.runfolder.DivergedError`.
 
 Exact resume: the data order is a function of ``(seed, epoch)`` and each sample's augmentation
 of ``(seed, epoch, index)`` (:mod:`fastnoise.train.data`), the noise of ``(noise seed, layer id,
