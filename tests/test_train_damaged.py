@@ -258,3 +258,23 @@ def test_a_corrupt_jpeg_is_named_and_can_be_skipped(tmp_path, capfd):
         assert "fastnoise: warning: skipped unreadable data (data.skip_unreadable): cannot read image " in err
         assert name in err, err
     assert os.path.isfile(os.path.join(out, "model.pth"))
+
+
+def test_resume_on_other_data_is_refused(tmp_path, capsys):
+    """data.root may move on resume (it is where the data lives), not become other data."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _write_cifar(a, n=4)
+    _write_cifar(b, n=6)
+    out = str(tmp_path / "run")
+    args = ["train", "--recipe", "cifar-resnet32-kd", "--no-progress", "--device", "cpu", "method.name=clean",
+            "model.init=null", "data.batch_size=4", "schedule.epochs=1", "eval.etas=[0.0]",
+            "eval.epoch_draws=0", "data.workers=0"]
+    assert main([*args, "--data", a, "--out", out, "--stop-at-step", "2"]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main([*RESUME, "--out", out, "--data", b]) == 2
+    err = capsys.readouterr().err
+    assert "has 30 training and 6 validation samples" in err and "trained on 20 and 4" in err, err
+    assert _snapshot(out) == before
+    shutil.move(a, str(tmp_path / "moved"))
+    assert main([*RESUME, "--out", out, "--data", str(tmp_path / "moved")]) == 0

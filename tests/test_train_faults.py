@@ -284,3 +284,18 @@ def test_kills_inside_the_teacher_run_resume_to_the_same_teacher_and_student(run
     assert code == 0, out
     assert_same_run(os.path.join(folder, "teacher"), os.path.join(ref, "teacher"))
     assert_same_run(folder, ref, files=[*FILES, "teacher"])
+
+    # --overwrite with other settings, killed while it deletes the old run: never half an old
+    # teacher (its folder is renamed away in one step), and the next --overwrite ends as a fresh run
+    new = [*kd, "teacher.lr=0.01", "--overwrite"]
+    fresh = str(tmp_path / "fresh")
+    code, out = runner.run([*new[:-1], "--out", fresh], tmp_path)
+    assert code == 0, out
+    for point in ("delete:teacher", "delete:best.pt"):
+        code, out = runner.run([*new, "--out", folder], tmp_path, fault=point)
+        assert code == -9, f"{point}: {out}"
+        assert not os.path.exists(os.path.join(folder, "teacher", "model.pth"))
+    code, out = runner.run([*new, "--out", folder], tmp_path)
+    assert code == 0, out
+    assert_same_run(os.path.join(folder, "teacher"), os.path.join(fresh, "teacher"))
+    assert_same_run(folder, fresh, files=[*FILES, "teacher"])

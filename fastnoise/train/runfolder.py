@@ -23,7 +23,8 @@ The promises (each held by a test named in README's "Reliability" section):
 Fault injection (tests): ``FASTNOISE_FAULT=POINT[:N][:ACTION]`` makes the process act at the
 ``N``-th (default 1st) time it reaches ``POINT``. Points are ``before:FILE``, ``temp:FILE`` (the
 temporary file is written and synced, not yet renamed), ``after:FILE`` (renamed, folder synced),
-``torn:FILE`` (half of an appended row is written) and ``step`` (after each optimizer step);
+``torn:FILE`` (half of an appended row is written), ``delete:FILE`` (``--overwrite`` is about to
+delete it) and ``step`` (after each optimizer step);
 ``FILE`` is a base name (``last.pt``) or ``FOLDER/NAME`` (``teacher/last.pt``). Actions: ``kill``
 (default: SIGKILL itself), ``stop`` (SIGSTOP itself, so a test can act while it holds the lock,
 then SIGCONT it) and ``enospc`` (fail the write as a full disk would). With
@@ -42,6 +43,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -273,16 +275,22 @@ def sync_file(path: str) -> None:
 
 
 def remove_stray_temps(folder: str) -> list[str]:
-    """Delete the temporary files a killed writer left in ``folder`` (call it under the lock)."""
+    """Delete the temporary files a killed writer left in ``folder`` (and a folder that was being
+    deleted, ``.NAME.tmp-PID``); call it under the lock."""
     removed = []
     if not os.path.isdir(folder):
         return removed
     for name in sorted(os.listdir(folder)):
         p = os.path.join(folder, name)
-        if _TEMP_RE.match(name) and os.path.isfile(p) and not os.path.islink(p):
+        if not _TEMP_RE.match(name) or os.path.islink(p):
+            continue
+        if os.path.isfile(p):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(p)
                 removed.append(name)
+        elif os.path.isdir(p) and name.startswith("."):  # a folder renamed away to be deleted
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(name)
     return removed
 
 
@@ -525,7 +533,8 @@ def read_run(folder: str, version: int, resumable: Iterable[str] = ()) -> SavedR
             raise ConfigError(f"{last_path!r} is not a fastnoise run checkpoint of version {version} "
                               f"(found {got!r}); it was written by another program or an older fastnoise")
         raw_last = state["config"]
-        info = {k: state.get(k) for k in ("epoch", "step_in_epoch", "global_step", "best", "best_epoch")}
+        info = {k: state.get(k) for k in ("epoch", "step_in_epoch", "global_step", "best", "best_epoch",
+                                          "data_sizes")}
         last_cfg = copy.deepcopy(DEFAULTS)
         try:
             _merge(last_cfg, state["config"])  # settings added after it was written take defaults

@@ -217,12 +217,19 @@ class Trainer:
                               "or --overwrite to replace it")
 
     def _clear_run_folder(self) -> None:
-        for name in RUN_FILES:
-            if os.path.isfile(self._path(name)):
-                os.remove(self._path(name))
+        """``--overwrite``: last.pt first (a kill part way leaves nothing to resume from), the
+        teacher's folder renamed away in one step before it is deleted (never half a teacher)."""
         tdir = self._path("teacher")
         if os.path.isfile(os.path.join(tdir, "config.yaml")):
-            shutil.rmtree(tdir)
+            gone = self._path(f".teacher.tmp-{os.getpid()}")
+            os.replace(tdir, gone)
+            rf.fsync_dir(self.out)
+            rf.fault("delete", tdir)
+            shutil.rmtree(gone)
+        for name in ("last.pt", *[n for n in RUN_FILES if n != "last.pt"]):
+            if os.path.isfile(self._path(name)):
+                rf.fault("delete", self._path(name))
+                os.remove(self._path(name))
 
     def _raise_from_main(self, err: Optional[Exception]) -> None:
         """Raise rank 0's error on every rank (rank 0 alone writes; the others would wait)."""
@@ -360,6 +367,10 @@ class Trainer:
         d = cfg["data"]
         self.sampler = EpochBatchSampler(len(data.train), d["batch_size"], cfg["seed"], self.dist.rank,
                                          self.dist.world_size)
+        self._data_sizes = [len(data.train), len(data.val)]
+        ck = self._saved.checkpoint if self._saved is not None else None
+        if ck is not None and ck.get("data_sizes") is not None:
+            self._check_same_data(ck["data_sizes"], self._path("last.pt"))
         teacher = None
         tw = cfg["teacher"]["weights"]
         if self._needs_teacher() and tw is not None:
@@ -472,6 +483,7 @@ class Trainer:
             "best": self.best,
             "best_epoch": self.best_epoch,
             "world_size": self.dist.world_size,
+            "data_sizes": self._data_sizes,
             "config": self.cfg,
             "metrics": self.metrics,
         }
@@ -537,14 +549,22 @@ class Trainer:
                          for k, v in state["sums"].items()}
             self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
             self.metrics = [dict(r) for r in state["metrics"]]
+            sizes = [int(n) for n in state["data_sizes"]]
             if not 0 <= self.step_in_epoch <= self.sampler.steps_per_epoch or len(self.metrics) != self.epoch:
                 raise ValueError(f"epoch {self.epoch}, step in epoch {self.step_in_epoch}, "
                                  f"{len(self.metrics)} metrics rows")
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise ConfigError(f"{path!r} does not fit this run ({rf.first_line(e)}): it is damaged or was "
                               "written by another run") from e
+        self._check_same_data(sizes, path)
         self._saved_step = self.global_step
         self.log(f"resumed {self.out} at epoch {self.epoch}, step {self.global_step}")
+
+    def _check_same_data(self, sizes, path: str) -> None:
+        if list(sizes) != self._data_sizes:  # data.root may move, not change
+            raise ConfigError(f"the data at data.root={self.cfg['data']['root']!r} has {self._data_sizes[0]} "
+                              f"training and {self._data_sizes[1]} validation samples, but {path!r} was "
+                              f"trained on {sizes[0]} and {sizes[1]}: it is other data")
 
     def _repair_logs(self) -> None:
         """Bring the logs back to the checkpoint: steps.csv cut to its last complete row at or
@@ -560,6 +580,14 @@ class Trainer:
             self.log(f"fastnoise: warning: {path} has {kept} of the {want} rows up to step "
                      f"{self.global_step}; the others were lost (the file was damaged)")
         self._write_metrics()
+        stale = [n for n in ("model.pth", "robustness.csv", "robustness.png")
+                 if self.epoch < self.cfg["schedule"]["epochs"] and os.path.isfile(self._path(n))]
+        if self.best_epoch == 0 and os.path.isfile(self._path("best.pt")):
+            stale.append("best.pt")  # no epoch of this checkpoint's run has finished
+        for n in stale:
+            os.remove(self._path(n))
+        if stale:
+            self.log(f"removed {', '.join(stale)}: newer than {self._path('last.pt')}, or from before it")
         if self.cfg["checkpoint"]["best"] and self.best_epoch > 0:
             bpath = self._path("best.pt")
             try:
