@@ -259,3 +259,13 @@ def test_unwritable_run_folder_and_interrupt_are_one_line(tmp_path, capsys, monk
     assert main(["recipes"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("fastnoise: interrupted") and "--resume" in err and "Traceback" not in err
+
+
+def test_a_noise_level_that_diverges_is_named(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    err = _fails(capsys, [*BASE, "--out", out, "noise.eta=1e30", "data.batch_size=256", "log.every=1",
+                          "--device", "cpu"],
+                 "training diverged at step 1 (epoch 1)",
+                 "Likely cause: noise.eta=1e+30 (range scale) is too large")
+    assert err.count("\n") == 1
+    assert not os.path.exists(os.path.join(out, "last.pt"))
