@@ -8,16 +8,27 @@
 Overrides are ``key=value`` pairs with dotted keys (``optim.lr=0.05``, ``noise.exclude=[fc]``),
 typed by YAML parsing; an unknown key is an error. Under ``torchrun`` (``torchrun
 --nproc_per_node N -m fastnoise.cli train ...``) ``train`` runs data-parallel.
+
+A user error (a bad flag or setting, a missing or damaged file, a full disk, a run folder in use,
+a diverged run) is one ``fastnoise: error: ...`` line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Optional
 
 __all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one-line form of every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"fastnoise: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -27,7 +38,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastnoise", description="Weight-noise training and robustness "
+    parser = _Parser(prog="fastnoise", description="Weight-noise training and robustness "
                                      "evaluation (noise injection, KD + noise, consistency regularization).")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -85,13 +96,17 @@ def _cmd_demo(args) -> int:
 
 
 def _run_config(folder, data, overrides, missing: str) -> dict:
-    """A run folder's saved settings (over the defaults), with --data and key=value overrides."""
-    from .train.recipes import ConfigError, apply_overrides, load_recipe, validate
+    """A run folder's settings (last.pt's, checked against a complete config.yaml; see
+    :func:`fastnoise.train.runfolder.read_run`), with --data and key=value overrides."""
+    from .train import runfolder as rf
+    from .train.recipes import ConfigError, apply_overrides, validate
+    from .train.trainer import _RESUMABLE_CHANGES, CHECKPOINT_VERSION
 
-    saved = os.path.join(folder, "config.yaml")
-    if not os.path.isfile(saved):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"{folder!r} is not a run folder (it is a file)")
+    cfg = rf.read_run(folder, CHECKPOINT_VERSION, _RESUMABLE_CHANGES).config
+    if cfg is None:
         raise ConfigError(missing.format(folder))
-    cfg = load_recipe(saved)
     if data is not None:
         cfg["data"]["root"] = data
     return validate(apply_overrides(cfg, overrides))
@@ -111,6 +126,8 @@ def _cmd_train(args) -> int:
         if args.recipe is None:
             raise ConfigError("train needs --recipe NAME (see `fastnoise recipes`)")
         cfg = resolve(args.recipe, args.overrides, args.data)
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out is empty: give a run folder")
     out = args.out or os.path.join("runs", cfg["name"])
     Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, stop_at_step=args.stop_at_step,
             progress=False if args.no_progress else None, device=args.device).fit()
@@ -126,9 +143,11 @@ def _cmd_eval(args) -> int:
     from .spec import NoiseSpec
     from .train import checkpoint as ckpt
     from .train import distributed
+    from .train import runfolder as rf
     from .train.data import build_data, eval_loader
     from .train.models import CLASSIFIER, build_model
     from .train.recipes import ConfigError, resolve
+    from .train.trainer import check_model_fits
 
     if args.run is not None:
         cfg = _run_config(args.run, args.data, args.overrides, "{!r} is not a run folder: no config.yaml")
@@ -143,12 +162,17 @@ def _cmd_eval(args) -> int:
         cfg = resolve(args.recipe, args.overrides, args.data)
         weights = args.weights
         out = args.out or os.path.join("runs", f"{cfg['name']}-eval")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output folder {out!r} exists and is not a folder")
+    if rf.user_entries(out) and not args.overwrite:
         raise ConfigError(f"output folder {out!r} already exists; pass --overwrite or another --out")
     etas = args.etas if args.etas is not None else cfg["eval"]["etas"]
     draws = args.draws if args.draws is not None else cfg["eval"]["draws"]
     if not etas:
         raise ConfigError("no etas to evaluate (give --etas)")
+    for e in etas:
+        if not math.isfinite(e) or e < 0:
+            raise ConfigError(f"--etas must be finite numbers >= 0, got {e!r}")
     if draws < 1:
         raise ConfigError(f"--draws must be >= 1, got {draws}")
 
@@ -161,6 +185,9 @@ def _cmd_eval(args) -> int:
     torch.manual_seed(cfg["seed"])
     rng.manual_seed(cfg["seed"])
     arch = cfg["model"]["arch"]
+    if len(data.val) == 0:
+        raise ConfigError(f"the {cfg['data']['dataset']} data has no validation samples")
+    check_model_fits(arch, data.num_classes, data.val[0][0], data=f"the {cfg['data']['dataset']} data")
     model = build_model(arch, data.num_classes)
     ckpt.load_weights(model, weights, "weights", arch, CLASSIFIER[arch], data.num_classes)
     n = cfg["noise"]
@@ -177,9 +204,17 @@ def _cmd_eval(args) -> int:
                                  progress=not args.no_progress and info.is_main, autocast_dtype=dtype,
                                  distributed=info.distributed)
     if info.is_main:
-        os.makedirs(out, exist_ok=True)
-        result.to_csv(os.path.join(out, "robustness.csv"))
-        result.plot(os.path.join(out, "robustness.png"))
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise rf.RunFolderError(f"cannot create output folder {out!r}: {e.strerror or e}") from e
+        with rf.RunLock(out):  # one writer; each file whole or not at all
+            if rf.user_entries(out) and not args.overwrite:  # written meanwhile by another process
+                raise ConfigError(f"output folder {out!r} already exists; pass --overwrite or another --out")
+            with rf.atomic_path(os.path.join(out, "robustness.csv")) as tmp:
+                result.to_csv(tmp)
+            with rf.atomic_path(os.path.join(out, "robustness.png")) as tmp:
+                result.plot(tmp)
         print(result.table())
         print(f"wrote {os.path.join(out, 'robustness.csv')} and robustness.png")
     return 0
@@ -211,6 +246,14 @@ def main(argv: Optional[list] = None) -> int:
     except ConfigError as e:
         print(f"fastnoise: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's, not ours: a file that cannot be read or written
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"fastnoise: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastnoise: interrupted; a run folder keeps its last checkpoint (continue with --resume)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def _imports(name: str, path: str, known: set) -> set:
                 continue
             targets = [f"{base}.{a.name}" if base else a.name for a in node.names] + [base]
         elif isinstance(node, ast.Import):
-            targets = [a.name[len("fastnoise"):].lstrip(".") for a in node.names if a.name.startswith("fastnoise")]
+            targets = [a.name[len("fastnoise"):].lstrip(".") for a in node.names
+                       if a.name.startswith("fastnoise")]
         else:
             continue
         for t in targets:

@@ -1,5 +1,6 @@
 """Bad input: a clear message (exit status 2) and nothing written or overwritten."""
 
+import contextlib
 import os
 
 import pytest
@@ -125,12 +126,15 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
     assert _snapshot(out) == done
 
 
-def test_resume_without_checkpoint(tmp_path, capsys):
+def test_resume_refuses_a_partial_config_instead_of_filling_in_defaults(tmp_path, capsys):
     out = str(tmp_path / "run")
     os.makedirs(out)
     with open(os.path.join(out, "config.yaml"), "w") as f:
         f.write("name: digits\n")
-    _fails(capsys, ["train", "--resume", "--out", out], "has no last.pt")
+    _fails(capsys, ["train", "--resume", "--out", out], "config.yaml is damaged or incomplete", "lacks seed")
+    _fails(capsys, ["eval", "--run", out], "config.yaml is damaged or incomplete")
+    os.remove(os.path.join(out, "config.yaml"))
+    _fails(capsys, ["train", "--resume", "--out", out], "has no config.yaml")
 
 
 def test_eval_and_demo_refuse_foreign_folders(tmp_path, capsys):
@@ -158,3 +162,110 @@ def test_model_init_file_is_checked_before_writing(tmp_path, capsys):
     _fails(capsys, ["train", "--recipe", "digits", "--out", out, "method.name=noise",
                     f"model.init={tmp_path / 'none.pth'}"], "does not exist")
     assert not os.path.exists(out)
+
+
+# ------------------------------------------------------------------- every setting, before any write
+BASE = ["train", "--recipe", "digits", "method.name=noise", "model.init=null", *TINY]
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["schedule.min_lr=1"], "schedule.min_lr=1 is above optim.lr=0.002"),
+    (["teacher.lr=1e-6", "schedule.min_lr=1e-4"], "above teacher.lr"),
+    (["optim.betas=[0.9, 1.0]"], "optim.betas[1] must be a number in [0, 1)"),
+    (["optim.betas=[true, 0.9]"], "optim.betas"),
+    (["seed=18446744073709551616"], "seed must be <= 9223372036854775807"),
+    (["seed=-1"], "seed must be >= 0"),
+    (["data.batch_size=5000"], "data.batch_size=5000 is larger than the training set (1347 samples)"),
+    (["name=a/b"], "name must be a non-empty string without path separators"),
+    (["name=null"], "name must be"),
+    (["data.augment=maybe"], "data.augment must be one of"),
+    (["data.skip_unreadable=1"], "data.skip_unreadable"),
+    (["teacher.weights=[a]"], "teacher.weights must be null or a path"),
+    (["model.arch=resnet32"], "model.arch=resnet32 does not fit the digits data (inputs of shape [1, 8, 8])"),
+    (["method.name=kd", "teacher.epochs=1", "teacher.arch=resnet32"], "teacher.arch=resnet32 does not fit"),
+    (["--stop-at-step", "0"], "--stop-at-step must be an int >= 1, got 0"),
+    (["--stop-at-step", "-3"], "--stop-at-step"),
+    (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+    (["--device", "cuda:99"], "--device 'cuda:99'"),
+    (["--out", ""], "--out is empty"),
+], ids=lambda v: v if isinstance(v, str) and "=" not in v[:3] else None)
+def test_every_setting_is_checked_before_the_first_byte(extra, fragment, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = [*BASE, *extra] if "--out" in extra else [*BASE, "--out", out, *extra]
+    err = _fails(capsys, argv, fragment)
+    assert err.count("\n") == 1, err
+    assert not os.path.exists(out)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_single_class_dataset_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        os.makedirs(tmp_path / "d" / split / "only")
+        Image.new("RGB", (8, 8)).save(tmp_path / "d" / split / "only" / "x.jpg")
+    _fails(capsys, ["train", "--recipe", "imagenet-resnet50-kd", "--data", str(tmp_path / "d"), "--out",
+                    str(tmp_path / "run")], "has 1 class(es) ['only']", "at least two")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_resume_refuses_a_stop_before_its_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main([*BASE, "--out", out, "--stop-at-step", "1", "--device", "cpu"]) == 0
+    _fails(capsys, ["train", "--resume", "--out", out, "--stop-at-step", "1"],
+           "--stop-at-step 1 is not after the checkpoint's step 1")
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--etas", "-1"], "--etas must be finite numbers >= 0, got -1.0"),
+    (["--etas", "0", "nan"], "--etas must be finite numbers >= 0, got nan"),
+    (["--etas", "inf"], "got inf"),
+    (["--draws", "0"], "--draws must be >= 1"),
+    (["--draws", "x"], "argument --draws: invalid int value: 'x'"),
+    (["--device", "nope"], "--device 'nope'"),
+])
+def test_eval_flags(flags, fragment, tmp_path, capsys):
+    weights = str(tmp_path / "w.pth")
+    torch.save(build_model("digits_cnn", 10).state_dict(), weights)
+    out = str(tmp_path / "e")
+    with pytest.raises(SystemExit) if "x" in flags else contextlib.nullcontext() as e:
+        code = main(["eval", "--recipe", "digits", "--weights", weights, "--out", out, "--no-progress",
+                     *flags])
+    if e is not None:
+        code = e.value.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastnoise: error: ") and fragment in err and err.count("\n") == 1, err
+    assert not os.path.exists(out)
+
+
+def test_demo_checks_its_teacher_run_before_writing(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    _fails(capsys, ["demo", "--out", out, "--teacher-epochs", "0"], "the demo's teacher run",
+           "schedule.epochs must be >= 1")
+    _fails(capsys, ["demo", "--out", out, "--seed", "-2"], "seed must be >= 0")
+    assert not os.path.exists(out)
+
+
+def test_unwritable_run_folder_and_interrupt_are_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    _fails(capsys, [*BASE, "--out", str(tmp_path / "file" / "run")], "cannot create run folder")
+    import fastnoise.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_recipes", interrupted)
+    assert main(["recipes"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("fastnoise: interrupted") and "--resume" in err and "Traceback" not in err
+
+
+def test_a_noise_level_that_diverges_is_named(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    err = _fails(capsys, [*BASE, "--out", out, "noise.eta=1e30", "data.batch_size=256", "log.every=1",
+                          "--device", "cpu"],
+                 "training diverged at step 1 (epoch 1)",
+                 "Likely cause: noise.eta=1e+30 (range scale) is too large")
+    assert err.count("\n") == 1
+    assert not os.path.exists(os.path.join(out, "last.pt"))

@@ -8,7 +8,10 @@ Datasets (``data.dataset``):
   ``test_batch``, ``batches.meta``), augmented with a 4-pixel padded random crop and a flip.
 - ``imagefolder``: torchvision ``ImageFolder`` ``train/`` and ``val/`` folders (ImageNet
   layout) with the usual ImageNet augmentation (random resized crop + flip; resize + centre
-  crop for validation).
+  crop for validation). An image that cannot be read is an error naming the file, or, with
+  ``data.skip_unreadable=true``, replaced by the next readable sample and reported on stderr.
+
+Every dataset must have at least two classes.
 
 Data order: epoch ``e`` visits the training set in ``randperm(n)`` drawn from a generator seeded
 with ``(seed, e)``; step ``s`` takes the global batch ``perm[s*B:(s+1)*B]`` and rank ``r`` of
@@ -31,7 +34,8 @@ from ..rng import mix64
 from .recipes import ConfigError
 
 __all__ = ["DataBundle", "build_data", "EpochBatchSampler", "SeededSamples", "train_loader",
-           "eval_loader", "DigitsDataset", "CifarDataset", "CIFAR_FILES", "sample_seed"]
+           "eval_loader", "DigitsDataset", "CifarDataset", "CIFAR_FILES", "sample_seed", "load_image",
+           "SkipUnreadable", "UnreadableFileError"]
 
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -75,8 +79,19 @@ class DigitsDataset(Dataset):
 
 
 def _read_pickle(path: str) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    """A CIFAR python pickle; any file that is not one is a :class:`ConfigError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
+    except Exception as e:  # unpickling a damaged file can raise almost anything
+        raise ConfigError(f"{path} is not a CIFAR-10 python batch: it is damaged or truncated "
+                          f"({type(e).__name__}: {e})") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} is not a CIFAR-10 python batch (it holds a {type(d).__name__}, "
+                          "not a dict)")
+    return d
 
 
 def _get(d: dict, key: str):
@@ -100,12 +115,14 @@ class CifarDataset(Dataset):
                 d = _read_pickle(path)
                 data.append(np.asarray(_get(d, "data"), dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.extend(int(v) for v in _get(d, "labels"))
-            except (KeyError, ValueError, pickle.UnpicklingError, EOFError) as e:
+            except (KeyError, ValueError, TypeError) as e:
                 raise ConfigError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
         self.images = torch.from_numpy(np.concatenate(data))  # uint8 [N, 3, 32, 32]
         self.targets = torch.tensor(labels, dtype=torch.int64)
         if len(self.targets) != len(self.images):
             raise ConfigError(f"{root}: {len(self.images)} images but {len(self.targets)} labels")
+        if len(self.targets) and int(self.targets.min()) < 0:
+            raise ConfigError(f"{root}: a label is {int(self.targets.min())} (labels are class indices >= 0)")
         self.augment = self.uses_rng = augment
         self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
         self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
@@ -148,7 +165,7 @@ def _cifar(cfg) -> DataBundle:
     meta = _read_pickle(os.path.join(root, "batches.meta"))
     try:
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in _get(meta, "label_names")]
-    except KeyError as e:
+    except (KeyError, TypeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{os.path.join(root, 'batches.meta')} has no label_names") from e
     train = CifarDataset(root, True, bool(cfg["data"]["augment"]))
     val = CifarDataset(root, False, False)
@@ -182,14 +199,73 @@ def _imagefolder(cfg) -> DataBundle:
         if not os.path.isdir(path):
             raise ConfigError(f"{root!r} is not an ImageFolder dataset: no {split}/ folder")
         try:
-            parts[split] = datasets.ImageFolder(path, transform=tf)
+            parts[split] = datasets.ImageFolder(path, transform=tf, loader=load_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise ConfigError(f"{path!r}: {e}") from e
     train, val = parts["train"], parts["val"]
     if train.classes != val.classes:
         raise ConfigError(f"{root!r}: train/ has {len(train.classes)} classes but val/ has "
                           f"{len(val.classes)} (or they are named differently)")
-    return DataBundle(train, val, len(train.classes), list(train.classes))
+    classes = list(train.classes)
+    if d["skip_unreadable"]:
+        train, val = SkipUnreadable(train), SkipUnreadable(val)
+    return DataBundle(train, val, len(classes), classes)
+
+
+class UnreadableFileError(ConfigError):
+    """A data file (an image) that cannot be read. Raised in a DataLoader worker, it reaches the
+    main process with the worker's traceback around its message; the message is taken back out."""
+
+    def __init__(self, msg: str):
+        if "Original Traceback" in msg:
+            tail = [line for line in msg.splitlines() if f"{type(self).__name__}: " in line]
+            if tail:
+                msg = tail[-1].split(f"{type(self).__name__}: ", 1)[1]
+        super().__init__(msg)
+
+
+def load_image(path: str):
+    """torchvision's PIL loader (RGB), decoding the whole image here, so that a damaged file is
+    an :class:`UnreadableFileError` that names it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except Exception as e:  # PIL: UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        raise UnreadableFileError(f"cannot read image {path}: {type(e).__name__}: {e}; remove or replace "
+                                  "the file, or set data.skip_unreadable=true to skip such files") from e
+
+
+class SkipUnreadable(Dataset):
+    """An image dataset whose unreadable files are replaced by the next readable sample (with the
+    same sample seed, so the run stays deterministic); each one is reported once per process on
+    stderr as ``fastnoise: warning: ...`` and listed in :attr:`skipped`."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+        self.skipped: list[str] = []
+        self.classes = getattr(base, "classes", [])
+        self.uses_rng = getattr(base, "uses_rng", True)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        import sys
+
+        n = len(self.base)
+        for k in range(n):
+            try:
+                return self.base[(i + k) % n]
+            except UnreadableFileError as e:
+                msg = str(e).split("; remove or replace", 1)[0]
+                if msg not in self.skipped:
+                    self.skipped.append(msg)
+                    print(f"fastnoise: warning: skipped unreadable data (data.skip_unreadable): {msg}",
+                          file=sys.stderr, flush=True)
+        raise UnreadableFileError(f"no readable sample in the dataset ({n} files, all unreadable)")
 
 
 _BUILDERS = {"digits": _digits, "cifar10": _cifar, "imagefolder": _imagefolder}
@@ -200,7 +276,11 @@ def build_data(cfg) -> DataBundle:
     name = cfg["data"]["dataset"]
     if name not in _BUILDERS:
         raise ConfigError(f"data.dataset must be one of {sorted(_BUILDERS)}, got {name!r}")
-    return _BUILDERS[name](cfg)
+    bundle = _BUILDERS[name](cfg)
+    if bundle.num_classes < 2:
+        raise ConfigError(f"the {name} data has {bundle.num_classes} class(es) {bundle.classes}: "
+                          "classification needs at least two")
+    return bundle
 
 
 # ----------------------------------------------------------------------------- data order
@@ -276,9 +356,16 @@ class EpochBatchSampler:
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in batch]
 
 
+def _own_generator() -> torch.Generator:
+    """Each DataLoader iterator draws a base seed for its workers; from its own generator, not
+    torch's global one, which then stays a function of the training steps alone (so a resumed
+    run's dropout, say, draws what the uninterrupted run draws). Samples are seeded per index."""
+    return torch.Generator().manual_seed(0)
+
+
 def train_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(SeededSamples(dataset), batch_sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0)
+                      pin_memory=pin_memory, persistent_workers=workers > 0, generator=_own_generator())
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool, rank: int = 0,
@@ -286,4 +373,4 @@ def eval_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: boo
     """In order, no augmentation; rank ``r`` takes samples ``r, r + W, ...`` (nothing padded)."""
     indices = list(range(rank, len(dataset), world_size))
     return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=pin_memory)
+                      num_workers=workers, pin_memory=pin_memory, generator=_own_generator())

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from ..robustness import plot_results, results_table, results_to_csv
-from .recipes import ConfigError, resolve
+from . import runfolder as rf
+from .recipes import ConfigError, resolve, validate
 from .trainer import Trainer, teacher_config
 
 __all__ = ["DEMO_ETAS", "DEMO_METHODS", "run_demo"]
@@ -35,7 +36,7 @@ MARKER = "demo.json"
 def _check_out(out: str) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"demo output {out!r} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
+    if rf.user_entries(out) and not os.path.isfile(os.path.join(out, MARKER)):
         raise ConfigError(f"demo output folder {out!r} exists and was not written by the demo; "
                           "choose another with --out")
 
@@ -61,6 +62,12 @@ def run_demo(out: str = "fastnoise-demo", *, seed: int = 0, epochs: Optional[int
             raise ConfigError(f"unknown demo method {m!r}; choose from {list(DEMO_METHODS)}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ConfigError(f"--draws must be an int >= 1, got {draws!r}")
+    try:  # every run's settings hold before the first byte is written
+        validate(teacher_config(cfg))
+    except ConfigError as e:
+        raise ConfigError(f"the demo's teacher run: {e}") from None
+    for m in methods:
+        validate(_student_config(cfg, m, "teacher.pth"))
     _check_out(out)
     threads = torch.get_num_threads()
     # the digits models are tiny: a second thread only adds synchronisation (and on a busy
@@ -72,13 +79,31 @@ def run_demo(out: str = "fastnoise-demo", *, seed: int = 0, epochs: Optional[int
         torch.set_num_threads(threads)
 
 
-def _run(cfg, out, seed, draws, etas, methods, progress, device, log) -> dict:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, MARKER), "w") as f:
-        json.dump({"seed": seed, "methods": list(methods), "etas": list(etas), "draws": draws,
-                   "config": cfg}, f, indent=1)
+def _student_config(cfg: dict, method: str, teacher_weights: str) -> dict:
+    scfg = copy.deepcopy(cfg)
+    scfg["eval"]["etas"] = []  # the demo evaluates all models together
+    scfg["name"] = f"digits-{method}"
+    scfg["method"]["name"] = method
+    scfg["teacher"]["weights"] = teacher_weights
+    scfg["teacher"]["epochs"] = 0
+    return scfg
 
-    quiet = {"eval": {**cfg["eval"], "etas": []}}  # the demo evaluates all models together below
+
+def _run(cfg, out, seed, draws, etas, methods, progress, device, log) -> dict:
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise rf.RunFolderError(f"cannot create demo folder {out!r}: {e.strerror or e}") from e
+    with rf.RunLock(out):
+        _check_out(out)  # again, now that no other process can write it
+        rf.remove_stray_temps(out)
+        return _run_locked(cfg, out, seed, draws, etas, methods, progress, device, log)
+
+
+def _run_locked(cfg, out, seed, draws, etas, methods, progress, device, log) -> dict:
+    marker = {"seed": seed, "methods": list(methods), "etas": list(etas), "draws": draws, "config": cfg}
+    rf.write_text(os.path.join(out, MARKER), json.dumps(marker, indent=1))
+
     tcfg = teacher_config(cfg)
     tcfg["eval"]["etas"] = []
     teacher_dir = os.path.join(out, "teacher")
@@ -87,12 +112,7 @@ def _run(cfg, out, seed, draws, etas, methods, progress, device, log) -> dict:
                                    log=log)}
     trainers["teacher"].fit()
     for m in methods:
-        scfg = copy.deepcopy(cfg)
-        scfg.update(copy.deepcopy(quiet))
-        scfg["name"] = f"digits-{m}"
-        scfg["method"]["name"] = m
-        scfg["teacher"]["weights"] = os.path.join(teacher_dir, "model.pth")
-        scfg["teacher"]["epochs"] = 0
+        scfg = _student_config(cfg, m, os.path.join(teacher_dir, "model.pth"))
         log(f"[demo] student '{m}' from the teacher, eta={scfg['noise']['eta']:g} ({scfg['noise']['scale']})")
         trainers[m] = Trainer(scfg, os.path.join(out, m), overwrite=True, progress=progress, device=device,
                               log=log)
@@ -107,11 +127,12 @@ def _run(cfg, out, seed, draws, etas, methods, progress, device, log) -> dict:
     header = (f"top-1 accuracy (%) on {samples} held-out digits, mean ± std over {draws} noise draws "
               f"per eta (noise scale {cfg['noise']['scale']}; students trained at eta="
               f"{cfg['noise']['eta']:g}, seed {seed})")
-    results_to_csv(results, os.path.join(out, "robustness.csv"))
-    plot_results(results, os.path.join(out, "robustness.png"),
-                 title=f"digits: trained at eta={cfg['noise']['eta']:g}, {draws} draws per eta")
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(header + "\n\n" + table + "\n")
+    with rf.atomic_path(os.path.join(out, "robustness.csv")) as tmp:
+        results_to_csv(results, tmp)
+    with rf.atomic_path(os.path.join(out, "robustness.png")) as tmp:
+        plot_results(results, tmp,
+                     title=f"digits: trained at eta={cfg['noise']['eta']:g}, {draws} draws per eta")
+    rf.write_text(os.path.join(out, "table.md"), header + "\n\n" + table + "\n")
     log(header)
     log(table)
     return {"results": results, "table": table, "out": out}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "all_reduce_sum", "barrier", "broadcast_object"]
+__all__ = ["DistInfo", "setup", "check_device", "all_reduce_sum", "barrier", "broadcast_object"]
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,33 @@ def setup(device=None) -> DistInfo:
     rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if device is None:
         device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    device = check_device(device, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local, device)
+
+
+def check_device(device, local_rank: int = 0) -> torch.device:
+    """``device`` as a ``torch.device`` (``cuda`` gets this process's index); a device that is not
+    one, or that this machine lacks, is a :class:`~fastnoise.train.recipes.ConfigError`."""
+    from .recipes import ConfigError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device!r}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s)")
+    return dev
 
 
 def all_reduce_sum(values, info: DistInfo) -> list[float]:

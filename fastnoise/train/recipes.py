@@ -57,6 +57,7 @@ DEFAULTS: dict = {
         "batch_size": 128,       # the global batch, split across processes
         "eval_batch_size": 256,  # per process
         "workers": 0,
+        "skip_unreadable": False,  # imagefolder: skip (and report) image files that cannot be read
     },
     "model": {
         "arch": "digits_cnn",
@@ -119,10 +120,14 @@ def list_recipes() -> list[str]:
 
 def load_config_file(path: str) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = parse_yaml(f.read())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML text file ({e})") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a configuration must be a mapping, got {type(data).__name__}")
     return data
@@ -205,7 +210,9 @@ def _choice(cfg, key, options):
     node = cfg
     for p in key.split("."):
         node = node[p]
-    if node not in options:
+    # 1 == True in Python: a number is not a yes/no
+    numeric = isinstance(node, (int, float)) and not isinstance(node, bool)
+    if node not in options or (numeric and any(isinstance(o, bool) for o in options)):
         raise ConfigError(f"{key} must be one of {list(options)}, got {node!r}")
 
 
@@ -274,7 +281,38 @@ def validate(cfg: dict) -> dict:
     init = cfg["model"]["init"]
     if init is not None and not isinstance(init, str):
         raise ConfigError(f"model.init must be null, 'teacher' or a file path, got {init!r}")
+    _validate_more(cfg)
     return cfg
+
+
+SEED_MAX = 2**63 - 1  # torch's generators and the data order take seeds up to this
+
+
+def _validate_more(cfg: dict) -> None:
+    """Types of the remaining keys and the rules that tie two keys together."""
+    name = cfg["name"]
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or any(
+            c in name for c in "/\\\0"):
+        raise ConfigError(f"name must be a non-empty string without path separators (it names the run "
+                          f"folder runs/NAME), got {name!r}")
+    _num(cfg, "seed", 0, SEED_MAX, integer=True)
+    _choice(cfg, "data.augment", [True, False])
+    _choice(cfg, "data.skip_unreadable", [True, False])
+    for key in ("data.root", "teacher.weights"):
+        section, leaf = key.split(".")
+        v = cfg[section][leaf]
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"{key} must be null or a path, got {v!r}")
+    for i, b in enumerate(cfg["optim"]["betas"]):
+        if isinstance(b, bool) or not math.isfinite(b) or not 0 <= b < 1:
+            raise ConfigError(f"optim.betas[{i}] must be a number in [0, 1), got {b!r}")
+    lr, min_lr = cfg["optim"]["lr"], cfg["schedule"]["min_lr"]
+    if min_lr > lr:
+        raise ConfigError(f"schedule.min_lr={min_lr!r} is above optim.lr={lr!r}: the cosine decays from "
+                          "optim.lr to schedule.min_lr, so min_lr must be <= lr")
+    t_lr = cfg["teacher"]["lr"]
+    if t_lr is not None and min_lr > t_lr:
+        raise ConfigError(f"schedule.min_lr={min_lr!r} is above teacher.lr={t_lr!r} (the teacher run's lr)")
 
 
 def resolve(recipe: str, overrides=(), data_root=None) -> dict:
@@ -287,5 +325,7 @@ def resolve(recipe: str, overrides=(), data_root=None) -> dict:
 
 
 def dump_config(cfg: dict, path: str) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+    """Write ``cfg`` as YAML, atomically (:mod:`fastnoise.train.runfolder`)."""
+    from .runfolder import write_text
+
+    write_text(path, yaml.safe_dump(cfg, sort_keys=False))

@@ -1,7 +1,9 @@
 """The training loop: one :class:`Trainer` per run folder.
 
-``Trainer(config, out_dir).fit()`` checks everything it will need (data folder, class counts,
-teacher file, run folder) before it writes anything, then trains and leaves in ``out_dir``:
+``Trainer(config, out_dir).fit()`` checks everything it will need (every setting, data folder,
+class counts, batch size against the data, the model against the data's shape, teacher file, run
+folder) before it writes anything, takes the run folder's lock (``.fastnoise.lock``, held until
+``fit`` returns; :mod:`fastnoise.train.runfolder`), then trains and leaves in ``out_dir``:
 
 - ``config.yaml``: the resolved settings;
 - ``steps.csv``: step, epoch, loss, lr every ``log.every`` steps (loss averaged over ranks);
@@ -10,10 +12,16 @@ teacher file, run folder) before it writes anything, then trains and leaves in `
   over ``eval.epoch_draws`` chips, lr, seconds);
 - ``last.pt`` (every epoch, every ``checkpoint.every_steps`` steps, and at ``stop_at_step``):
   model, optimizer, scheduler, GradScaler, the layers' noise ids and call counters, the noise
-  seed, torch's RNG states, epoch, step in epoch and the running sums of the epoch's metrics;
-  ``best.pt`` (best noisy validation top-1, or clean where there is no noise);
+  seed, torch's RNG states, epoch, step in epoch, the running sums of the epoch's metrics, the
+  resolved settings, the metrics rows and the epoch of ``best.pt``; only from finite weights;
+  ``best.pt`` (best noisy validation top-1, or clean where there is no noise), written before the
+  epoch's ``last.pt``;
 - ``model.pth`` (the final weights, a plain ``state_dict``) and ``robustness.csv`` /
   ``robustness.png`` (top-1 mean and std over ``eval.draws`` chips per ``eval.etas``).
+
+Every file is written atomically; on resume ``steps.csv`` is cut back to the checkpoint, the
+metrics files are rebuilt from ``last.pt``, and ``config.yaml`` must agree with ``last.pt``. A run
+whose loss or weights become non-finite stops with :class:`~fastnoise.train.runfolder.DivergedError`.
 
 Exact resume: the data order is a function of ``(seed, epoch)`` and each sample's augmentation
 of ``(seed, epoch, index)`` (:mod:`fastnoise.train.data`), the noise of ``(noise seed, layer id,
@@ -29,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import io
 import json
 import math
 import os
@@ -47,18 +56,21 @@ from ..robustness import RobustnessResult, evaluate_robustness
 from ..spec import NoiseSpec
 from . import checkpoint as ckpt
 from . import distributed
+from . import runfolder as rf
 from .data import EpochBatchSampler, build_data, eval_loader, train_loader
 from .models import CLASSIFIER, CONVNETS, build_model
-from .recipes import ConfigError, dump_config, load_recipe, validate
-from .tasks import ClassificationTask, ConsistencyTask, DistillationTask, FrozenTeacher
+from .recipes import ConfigError, dump_config, load_config_file, validate
+from .tasks import ClassificationTask, ConsistencyTask, DistillationTask, FeatureCapture, FrozenTeacher
 
-__all__ = ["Trainer", "TrainResult", "train", "RUN_FILES", "teacher_config", "lr_factor"]
+__all__ = ["Trainer", "TrainResult", "train", "RUN_FILES", "teacher_config", "lr_factor", "check_model_fits",
+           "CHECKPOINT_VERSION"]
 
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "model.pth", "steps.csv", "metrics.csv", "metrics.json",
              "robustness.csv", "robustness.png")
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: last.pt also holds the settings, the metrics rows and best.pt's epoch
 # settings a resumed run may change: where the data lives, how it is shown
-_RESUMABLE_CHANGES = {"data.root", "data.workers", "log.progress", "eval.etas", "eval.draws"}
+_RESUMABLE_CHANGES = {"data.root", "data.workers", "data.skip_unreadable", "log.progress", "eval.etas",
+                      "eval.draws"}
 
 
 @dataclass
@@ -86,14 +98,31 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def check_model_fits(arch: str, num_classes: int, sample: torch.Tensor, layers=(), what: str = "model.arch",
+                     data: str = "the data") -> None:
+    """Run a batch of ``sample``'s shape through ``arch`` built on the meta device (no memory, no
+    computation) and capture ``layers`` as consistency would: an architecture that does not fit
+    the data is a :class:`ConfigError` before anything is written, not a traceback at step 1."""
+    with torch.device("meta"):
+        model = build_model(arch, num_classes)
+    model.eval()
+    x = torch.empty((2, *sample.shape), dtype=sample.dtype, device="meta")
+    capture = FeatureCapture(model, layers) if layers else None
+    try:
+        with torch.no_grad(), capture.recording() if capture is not None else contextlib.nullcontext():
+            out = model(x)
+    except NotImplementedError:  # an op without a meta kernel: nothing can be said here
+        return
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ConfigError(f"{what}={arch} does not fit {data} (inputs of shape {list(sample.shape)}): "
+                          f"{rf.first_line(e)}") from None
+    finally:
+        if capture is not None:
+            capture.remove()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{what}={arch} gives outputs of shape {got} for {data}, "
+                          f"not [batch, {num_classes}]")
 
 
 def teacher_config(cfg: dict) -> dict:
@@ -135,12 +164,15 @@ class Trainer:
         self.resume, self.overwrite = resume, overwrite
         if stop_at_step is not None and (isinstance(stop_at_step, bool) or not isinstance(stop_at_step, int)
                                          or stop_at_step < 1):
-            raise ValueError(f"stop_at_step must be an int >= 1, got {stop_at_step!r}")
+            raise ConfigError(f"--stop-at-step must be an int >= 1, got {stop_at_step!r}")
         self.stop_at_step = stop_at_step
         self.progress = self.cfg["log"]["progress"] if progress is None else bool(progress)
         self.device_arg = device
         self._log = log
         self._bar = None
+        self._lock: Optional[rf.RunLock] = None
+        self._saved = None            # what read_run found in the folder (resume)
+        self._saved_step = None       # global step of the newest last.pt (finite weights)
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -155,32 +187,95 @@ class Trainer:
         return os.path.join(self.out, name)
 
     def _check_run_folder(self) -> None:
-        exists = os.path.isdir(self.out) and bool(os.listdir(self.out))
+        """May this run write ``out``? Reads only; checked again once the lock is held."""
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ConfigError(f"run folder {self.out!r} exists and is not a folder")
+        if self._lock is None:
+            rf.check_not_busy(self.out)  # say so first: the files of a running run are in flux
+        entries = rf.user_entries(self.out)
         if self.resume:
-            # a run stopped while its teacher was being trained has no last.pt yet
-            teacher_started = os.path.isfile(os.path.join(self._path("teacher"), "config.yaml"))
-            if not os.path.isfile(self._path("last.pt")) and not teacher_started:
-                raise ConfigError(f"cannot resume: {self.out!r} has no last.pt")
-            if os.path.isfile(self._path("config.yaml")):
-                saved = _flatten(load_recipe(self._path("config.yaml")))
-                now = _flatten(self.cfg)
-                for key in sorted(set(saved) | set(now)):
-                    if key not in _RESUMABLE_CHANGES and saved.get(key) != now.get(key):
-                        raise ConfigError(f"cannot resume {self.out!r} with other settings: {key} is "
-                                          f"{saved.get(key)!r} in its config.yaml, {now.get(key)!r} now")
-        elif exists and not self.overwrite:
+            saved = rf.read_run(self.out, CHECKPOINT_VERSION, _RESUMABLE_CHANGES)
+            if saved.config is None:
+                if not os.path.isdir(self.out):
+                    raise ConfigError(f"cannot resume: run folder {self.out!r} does not exist")
+                hint = (" (the run stopped before it wrote anything: start it again without --resume)"
+                        if not entries else "")
+                raise ConfigError(f"cannot resume: {self.out!r} has no config.yaml and no last.pt{hint}")
+            diff = rf.settings_diff(saved.config, self.cfg, _RESUMABLE_CHANGES)
+            if diff is not None:
+                key, was, now = diff
+                where = "config.yaml" if saved.has_config_file else "last.pt"
+                raise ConfigError(f"cannot resume {self.out!r} with other settings: {key} is {was!r} in its "
+                                  f"{where}, {now!r} now")
+            ck = saved.checkpoint
+            if ck is not None and self.stop_at_step is not None and self.stop_at_step <= ck["global_step"]:
+                raise ConfigError(f"--stop-at-step {self.stop_at_step} is not after the checkpoint's step "
+                                  f"{ck['global_step']} in {self.out!r}")
+            self._saved = saved
+        elif entries and not self.overwrite:
             raise ConfigError(f"run folder {self.out!r} already exists; pass --resume to continue it "
                               "or --overwrite to replace it")
 
     def _clear_run_folder(self) -> None:
-        for name in RUN_FILES:
-            if os.path.isfile(self._path(name)):
-                os.remove(self._path(name))
+        """``--overwrite``: last.pt first (a kill part way leaves nothing to resume from), the
+        teacher's folder renamed away in one step before it is deleted (never half a teacher)."""
         tdir = self._path("teacher")
         if os.path.isfile(os.path.join(tdir, "config.yaml")):
-            shutil.rmtree(tdir)
+            gone = self._path(f".teacher.tmp-{os.getpid()}")
+            os.replace(tdir, gone)
+            rf.fsync_dir(self.out)
+            rf.fault("delete", tdir)
+            shutil.rmtree(gone)
+        for name in ("last.pt", *[n for n in RUN_FILES if n != "last.pt"]):
+            if os.path.isfile(self._path(name)):
+                rf.fault("delete", self._path(name))
+                os.remove(self._path(name))
+
+    def _raise_from_main(self, err: Optional[Exception]) -> None:
+        """Raise rank 0's error on every rank (rank 0 alone writes; the others would wait)."""
+        msg = distributed.broadcast_object(None if err is None else str(err), self.dist)
+        if err is not None:
+            raise err
+        if msg is not None:
+            raise ConfigError(msg)
+
+    def _open_run_folder(self) -> None:
+        """Take the folder's lock; only then clear (``--overwrite``), tidy and write config.yaml."""
+        err = None
+        if self.dist.is_main:
+            try:
+                try:
+                    os.makedirs(self.out, exist_ok=True)
+                except OSError as e:
+                    raise rf.RunFolderError(f"cannot create run folder {self.out!r}: "
+                                            f"{e.strerror or e}") from e
+                self._lock = rf.RunLock(self.out).acquire()
+                self._check_run_folder()  # again: another process may have changed it before we held the lock
+                try:
+                    if self.overwrite and not self.resume:
+                        self._clear_run_folder()
+                    removed = rf.remove_stray_temps(self.out)
+                except OSError as e:
+                    raise rf.RunFolderError(f"cannot clear {self.out!r}: {e.strerror or e}") from e
+                if removed:
+                    self.log(f"removed {len(removed)} temporary file(s) an interrupted run left: "
+                             f"{', '.join(removed)}")
+                path = self._path("config.yaml")
+                if not self.resume:
+                    dump_config(self.cfg, path)
+                elif not os.path.isfile(path):
+                    self.log(f"{path} was missing: written again from last.pt's settings")
+                    dump_config(self.cfg, path)
+                elif rf.flatten(load_config_file(path)) != rf.flatten(self.cfg):
+                    dump_config(self.cfg, path)  # a resumable setting changed: record what runs now
+            except ConfigError as e:
+                err = e
+        self._raise_from_main(err)
+
+    def _close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _teacher_arch(self) -> str:
         return self.cfg["teacher"]["arch"] or self.cfg["model"]["arch"]
@@ -199,20 +294,32 @@ class Trainer:
         if m["init"] == "teacher" and self._teacher_arch() != m["arch"]:
             raise ConfigError(f"model.init=teacher needs teacher.arch == model.arch, got "
                               f"{self._teacher_arch()!r} and {m['arch']!r}")
+        if t["weights"] is None:  # a clean teacher is trained first: its settings must hold too
+            try:
+                validate(teacher_config(self.cfg))
+            except ConfigError as e:
+                raise ConfigError(f"the teacher run (teacher.epochs={t['epochs']}): {e}") from None
 
-    def _check_layers(self) -> None:
-        """Consistency's module names exist in the model (checked before anything is written)."""
-        names = self.cfg["method"]["layers"]
-        if self.cfg["method"]["name"] != "consistency":
-            return
+    def _check_layers(self, data) -> None:
+        """Consistency's module names exist in the model, and the models fit the data (checked
+        before anything is written)."""
+        names = self.cfg["method"]["layers"] if self.cfg["method"]["name"] == "consistency" else []
         arch = self.cfg["model"]["arch"]
-        with torch.device("meta"):  # names only: no memory, no initialisation
-            modules = dict(build_model(arch, self.num_classes).named_modules())
-        unknown = [n for n in names if n not in modules]
-        if unknown:
-            known = [n for n in modules if n][:12]
-            raise ConfigError(f"method.layers: no module named {unknown[0]!r} in {arch} "
-                              f"(some names it has: {known})")
+        if names:
+            with torch.device("meta"):  # names only: no memory, no initialisation
+                modules = dict(build_model(arch, self.num_classes).named_modules())
+            unknown = [n for n in names if n not in modules]
+            if unknown:
+                known = [n for n in modules if n][:12]
+                raise ConfigError(f"method.layers: no module named {unknown[0]!r} in {arch} "
+                                  f"(some names it has: {known})")
+        if len(data.val) == 0:
+            raise ConfigError(f"the {self.cfg['data']['dataset']} data has no validation samples")
+        sample = data.val[0][0]
+        what = f"the {self.cfg['data']['dataset']} data"
+        check_model_fits(arch, self.num_classes, sample, names, data=what)
+        if self._needs_teacher() and self._teacher_arch() != arch:
+            check_model_fits(self._teacher_arch(), self.num_classes, sample, what="teacher.arch", data=what)
 
     def _load_teacher(self, path: str, num_classes: int) -> nn.Module:
         arch = self._teacher_arch()
@@ -256,7 +363,14 @@ class Trainer:
             raise ConfigError(f"data.num_classes={want} but the data has {data.num_classes} classes")
         self._check_teacher_settings()
         self.num_classes = data.num_classes
-        self._check_layers()
+        self._check_layers(data)
+        d = cfg["data"]
+        self.sampler = EpochBatchSampler(len(data.train), d["batch_size"], cfg["seed"], self.dist.rank,
+                                         self.dist.world_size)
+        self._data_sizes = [len(data.train), len(data.val)]
+        ck = self._saved.checkpoint if self._saved is not None else None
+        if ck is not None and ck.get("data_sizes") is not None:
+            self._check_same_data(ck["data_sizes"], self._path("last.pt"))
         teacher = None
         tw = cfg["teacher"]["weights"]
         if self._needs_teacher() and tw is not None:
@@ -270,13 +384,8 @@ class Trainer:
                               self.num_classes, assign=True)
             del probe
 
-        # everything is checked: from here on files are written
-        if self.dist.is_main:
-            if self.overwrite and not self.resume:
-                self._clear_run_folder()
-            os.makedirs(self.out, exist_ok=True)
-            if not self.resume:
-                dump_config(cfg, self._path("config.yaml"))
+        # everything is checked: from here on files are written, under the folder's lock
+        self._open_run_folder()
         distributed.barrier(self.dist)
 
         if self._needs_teacher() and teacher is None:  # train a clean teacher first
@@ -317,9 +426,6 @@ class Trainer:
             except ValueError as e:
                 raise ConfigError(str(e)) from e
 
-        d = cfg["data"]
-        self.sampler = EpochBatchSampler(len(data.train), d["batch_size"], cfg["seed"], self.dist.rank,
-                                         self.dist.world_size)
         pin = dev.type == "cuda"
         self.train_loader = train_loader(data.train, self.sampler, d["workers"], pin)
         self.val_loader = eval_loader(data.val, d["eval_batch_size"], d["workers"], pin, self.dist.rank,
@@ -336,13 +442,15 @@ class Trainer:
         self.scaler = (torch.amp.GradScaler(dev.type) if self.amp_dtype == torch.float16 else None)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.best = -1.0
+        self.best, self.best_epoch = -1.0, 0
         self.sums: dict = {}
         self.metrics: list = []
         if self.resume and os.path.isfile(self._path("last.pt")):
             self._load_checkpoint()
-        if self.dist.is_main:
-            self._truncate_logs()
+        elif self.resume:
+            self.log(f"resuming {self.out} from step 0: it has no last.pt yet")
+        if self.dist.is_main and self.resume:
+            self._repair_logs()
 
     def _train_teacher(self) -> nn.Module:
         tdir = self._path("teacher")
@@ -351,7 +459,7 @@ class Trainer:
         if not os.path.isfile(weights):
             self.log(f"training a clean teacher ({tcfg['model']['arch']}, "
                      f"{tcfg['schedule']['epochs']} epochs) in {tdir}")
-            resume = os.path.isfile(os.path.join(tdir, "last.pt"))
+            resume = os.path.isfile(os.path.join(tdir, "config.yaml"))
             Trainer(tcfg, tdir, resume=resume, overwrite=not resume, progress=self.progress,
                     device=self.dist.device, log=self._log).fit()
         return self._load_teacher(weights, self.num_classes)
@@ -373,65 +481,146 @@ class Trainer:
             "global_step": self.global_step,
             "sums": {k: float(v) for k, v in self.sums.items()},
             "best": self.best,
+            "best_epoch": self.best_epoch,
             "world_size": self.dist.world_size,
+            "data_sizes": self._data_sizes,
+            "config": self.cfg,
+            "metrics": self.metrics,
         }
 
+    def _diverged(self, what: str) -> rf.DivergedError:
+        """The error of a run whose loss or weights became non-finite, naming the likely cause."""
+        n, o = self.cfg["noise"], self.cfg["optim"]
+        eta = f"noise.eta={n['eta']:g} ({n['scale']} scale)"
+        lr = f"optim.lr={o['lr']:g}"
+        first, second = (eta, lr) if n["eta"] >= 0.5 else (lr, eta)
+        amp = ", or fp16 overflow (amp=fp16)" if self.amp_dtype == torch.float16 else ""
+        if self._saved_step is not None:
+            kept = f"{self._path('last.pt')} keeps step {self._saved_step}, the last finite weights"
+        else:
+            kept = "No checkpoint was written from non-finite weights"
+        return rf.DivergedError(f"training diverged at step {self.global_step} (epoch {self.epoch + 1}): "
+                                f"{what}. Likely cause: {first} is too large (else {second}{amp}). "
+                                f"{kept}; start again with a lower value (--overwrite, or another --out)")
+
+    def _check_finite(self) -> None:
+        """Nothing is saved from non-finite weights or optimizer state."""
+        bad = rf.first_nonfinite({"model": self.base.state_dict(), "optimizer": self.optimizer.state_dict()})
+        if bad is not None:
+            raise self._diverged(f"{bad} is not finite")
+
     def _save(self, name: str = "last.pt") -> None:
+        self._check_finite()
+        err = None
         if self.dist.is_main:
-            ckpt.save_atomic(self._state(), self._path(name))
-        distributed.barrier(self.dist)
+            try:
+                if name == "last.pt":  # the log rows it covers are on disk before it is
+                    rf.sync_file(self._path("steps.csv"))
+                ckpt.save_atomic(self._state(), self._path(name))
+            except ConfigError as e:
+                err = e
+        self._raise_from_main(err)
+        if name == "last.pt":
+            self._saved_step = self.global_step
 
     def _load_checkpoint(self) -> None:
-        state = ckpt.load_file(self._path("last.pt"), "checkpoint")
+        path = self._path("last.pt")
+        state = ckpt.load_file(path, "checkpoint")
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            raise ConfigError(f"{self._path('last.pt')!r} is not a fastnoise checkpoint of version "
-                              f"{CHECKPOINT_VERSION}")
-        self.base.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        rng.manual_seed(int(state["noise_seed"]))
-        load_noise_state_dict(self.base, state["noise"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
-        self.global_step = int(state["global_step"])
-        dev = self.dist.device
-        self.sums = {k: torch.tensor(v, dtype=torch.float64, device=dev) for k, v in state["sums"].items()}
-        self.best = float(state["best"])
-        if os.path.isfile(self._path("metrics.json")):
-            with open(self._path("metrics.json")) as f:
-                self.metrics = [r for r in json.load(f) if r["epoch"] <= self.epoch]
+            raise ConfigError(f"{path!r} is not a fastnoise checkpoint of version {CHECKPOINT_VERSION}")
+        bad = rf.first_nonfinite(state.get("model"))
+        if bad is not None:
+            raise ConfigError(f"{path!r} holds non-finite weights ({bad}): it is damaged")
+        try:
+            self.base.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            rng.manual_seed(int(state["noise_seed"]))
+            load_noise_state_dict(self.base, state["noise"])
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+            self.global_step = int(state["global_step"])
+            dev = self.dist.device
+            self.sums = {k: torch.tensor(v, dtype=torch.float64, device=dev)
+                         for k, v in state["sums"].items()}
+            self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+            self.metrics = [dict(r) for r in state["metrics"]]
+            sizes = [int(n) for n in state["data_sizes"]]
+            if not 0 <= self.step_in_epoch <= self.sampler.steps_per_epoch or len(self.metrics) != self.epoch:
+                raise ValueError(f"epoch {self.epoch}, step in epoch {self.step_in_epoch}, "
+                                 f"{len(self.metrics)} metrics rows")
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+            raise ConfigError(f"{path!r} does not fit this run ({rf.first_line(e)}): it is damaged or was "
+                              "written by another run") from e
+        self._check_same_data(sizes, path)
+        self._saved_step = self.global_step
         self.log(f"resumed {self.out} at epoch {self.epoch}, step {self.global_step}")
 
-    def _truncate_logs(self) -> None:
-        """Drop log rows written after the checkpoint (a run killed between the two)."""
-        for name, key, limit in (("steps.csv", "step", self.global_step),
-                                 ("metrics.csv", "epoch", self.epoch)):
-            path = self._path(name)
-            if not os.path.isfile(path):
-                continue
-            with open(path, newline="") as f:
-                rows = list(csv.reader(f))
-            if not rows:
-                continue
-            col = rows[0].index(key)
-            keep = [rows[0]] + [r for r in rows[1:] if int(r[col]) <= limit]
-            if len(keep) != len(rows):
-                with open(path, "w", newline="") as f:
-                    csv.writer(f).writerows(keep)
+    def _check_same_data(self, sizes, path: str) -> None:
+        if list(sizes) != self._data_sizes:  # data.root may move, not change
+            raise ConfigError(f"the data at data.root={self.cfg['data']['root']!r} has {self._data_sizes[0]} "
+                              f"training and {self._data_sizes[1]} validation samples, but {path!r} was "
+                              f"trained on {sizes[0]} and {sizes[1]}: it is other data")
+
+    def _repair_logs(self) -> None:
+        """Bring the logs back to the checkpoint: steps.csv cut to its last complete row at or
+        before the checkpoint's step, metrics.csv / metrics.json written again from last.pt."""
+        path = self._path("steps.csv")
+        got = rf.repair_csv(path, "step", self.global_step)
+        spe, every = self.sampler.steps_per_epoch, self.cfg["log"]["every"]
+        want = sum(1 for s in range(1, self.global_step + 1) if s % every == 0 or s % spe == 0)
+        kept, dropped = got if got is not None else (0, 0)
+        if dropped:
+            self.log(f"{path}: dropped {dropped} row(s) written after the checkpoint or damaged")
+        if kept < want:
+            self.log(f"fastnoise: warning: {path} has {kept} of the {want} rows up to step "
+                     f"{self.global_step}; the others were lost (the file was damaged)")
+        self._write_metrics()
+        stale = [n for n in ("model.pth", "robustness.csv", "robustness.png")
+                 if self.epoch < self.cfg["schedule"]["epochs"] and os.path.isfile(self._path(n))]
+        if self.best_epoch == 0 and os.path.isfile(self._path("best.pt")):
+            stale.append("best.pt")  # no epoch of this checkpoint's run has finished
+        for n in stale:
+            os.remove(self._path(n))
+        if stale:
+            self.log(f"removed {', '.join(stale)}: newer than {self._path('last.pt')}, or from before it")
+        if self.cfg["checkpoint"]["best"] and self.best_epoch > 0:
+            bpath = self._path("best.pt")
+            try:
+                b = ckpt.load_file(bpath, "best checkpoint", mmap=True)
+                epoch = b.get("epoch") if isinstance(b, dict) else None
+                ahead = isinstance(epoch, int) and epoch > self.epoch  # written just before a kill: redone
+                problem = None if epoch == self.best_epoch or ahead else f"it is of epoch {epoch!r}"
+            except ConfigError as e:
+                problem = str(e)
+            if problem is not None:
+                self.log(f"fastnoise: warning: {bpath} does not hold the best epoch ({self.best_epoch}): "
+                         f"{problem}; it is written again when an epoch beats {self.best:.2f}")
 
     # ------------------------------------------------------------------ logging
     def _append_csv(self, name: str, row: dict) -> None:
-        path = self._path(name)
-        new = not os.path.isfile(path)
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
+        rf.append_row(self._path(name), row)
+
+    def _write_metrics(self) -> None:
+        """metrics.csv and metrics.json, each written whole (atomically) from ``self.metrics``."""
+        for name in ("metrics.csv", "metrics.json"):
+            path = self._path(name)
+            if not self.metrics:
+                if os.path.isfile(path):
+                    os.remove(path)
+                continue
+            if name == "metrics.json":
+                rf.write_text(path, json.dumps(self.metrics, indent=1))
+            else:
+                buf = io.StringIO()
+                w = csv.DictWriter(buf, fieldnames=list(self.metrics[0]))
                 w.writeheader()
-            w.writerow(row)
+                w.writerows(self.metrics)
+                rf.write_text(path, buf.getvalue())
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         v = value.detach().to(torch.float64)
@@ -507,7 +696,14 @@ class Trainer:
         return row
 
     def fit(self) -> TrainResult:
-        self._setup()
+        """Check, train, evaluate; the run folder is locked from the first write to the return."""
+        try:
+            self._setup()
+            return self._fit()
+        finally:
+            self._close()
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
         spe = self.sampler.steps_per_epoch
         epochs = cfg["schedule"]["epochs"]
@@ -533,6 +729,7 @@ class Trainer:
                     out = self._step(x, y)
                     self.step_in_epoch += 1
                     self.global_step += 1
+                    rf.fault("step")
                     if self.global_step % every == 0 or self.step_in_epoch == spe:
                         loss = distributed.all_reduce_sum([out["loss"].detach()], self.dist)[0]
                         loss /= self.dist.world_size
@@ -543,7 +740,7 @@ class Trainer:
                         if bar is not None:
                             bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch + 1)
                         if not math.isfinite(loss):
-                            raise FloatingPointError(f"loss is {loss} at step {self.global_step}")
+                            raise self._diverged(f"the loss is {loss}")
                     if bar is not None:
                         bar.update(1)
                     if self.stop_at_step is not None and self.global_step >= self.stop_at_step:
@@ -554,32 +751,44 @@ class Trainer:
                     if ck_every and self.global_step % ck_every == 0 and self.step_in_epoch < spe:
                         self._save()
                 row = self._epoch_row(time.perf_counter() - t0)
+                if not math.isfinite(row["train_loss"]):
+                    raise self._diverged(f"the epoch's mean loss is {row['train_loss']}")
+                self._check_finite()
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.sums = {}
                 score = row.get("val_top1_noisy", row["val_top1"])
                 improved = score > self.best
-                self.best = max(self.best, score)
+                if improved:
+                    self.best, self.best_epoch = score, self.epoch
                 self.metrics.append(row)
                 if self.dist.is_main:
-                    self._append_csv("metrics.csv", row)
-                    with open(self._path("metrics.json"), "w") as f:
-                        json.dump(self.metrics, f, indent=1)
+                    self._write_metrics()
                     noisy = f", noisy val {row['val_top1_noisy']:.2f}%" if "val_top1_noisy" in row else ""
                     self.log(f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}, "
                              f"val {row['val_top1']:.2f}%{noisy}")
-                self._save()
+                # best.pt before last.pt: a kill between the two leaves last.pt at the previous
+                # epoch, which the resumed run redoes (writing the same best.pt again)
                 if improved and cfg["checkpoint"]["best"]:
                     self._save("best.pt")
+                self._save()
             self._bar = None
+        self._check_finite()
+        err = None
         if self.dist.is_main:
-            ckpt.save_atomic(self.base.state_dict(), self._path("model.pth"))
+            try:
+                ckpt.save_atomic(self.base.state_dict(), self._path("model.pth"))
+            except ConfigError as e:
+                err = e
+        self._raise_from_main(err)
         result = None
         if cfg["eval"]["etas"]:
             result = self.evaluate()
             if self.dist.is_main:
-                result.to_csv(self._path("robustness.csv"))
-                result.plot(self._path("robustness.png"), title=f"{cfg['name']} ({cfg['method']['name']})")
+                with rf.atomic_path(self._path("robustness.csv")) as tmp:
+                    result.to_csv(tmp)
+                with rf.atomic_path(self._path("robustness.png")) as tmp:
+                    result.plot(tmp, title=f"{cfg['name']} ({cfg['method']['name']})")
                 self.log(result.table())
         distributed.barrier(self.dist)
         return TrainResult(self.out, self.global_step, self.epoch, False, self.metrics, result)
