@@ -2,14 +2,18 @@
 taking the arguments of :mod:`fastnoise.reference`'s functions of the same op.
 
 Linear paths are chosen in :mod:`fastnoise._backends_linear`, conv2d paths in
-:mod:`fastnoise._backends_conv`.
+:mod:`fastnoise._backends_conv`, the CPU's C++ path lives in :mod:`fastnoise._backends_cpu`.
+:func:`noisy_weight` / :func:`noisy_bias` give ``W + sigma z`` of any layer's weight on its
+device's fastest generator, for layer kinds without an op of their own.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from . import reference
+import torch
+
+from . import dispatch, reference
 
 REFERENCE_LINEAR = SimpleNamespace(name="reference", forward=reference.linear_forward,
                                    backward=reference.linear_backward)
@@ -27,6 +31,66 @@ def conv2d_impl(path, x, weight, geometry, backward=False):
     from ._backends_conv import choose
 
     return choose(path, x, weight, geometry, backward)
+
+
+def _cpu_generator(t) -> bool:
+    from . import _cpu
+
+    return (t.device.type == "cpu" and t.dtype in dispatch.KERNEL_DTYPES and _cpu.available())
+
+
+def noisy_weight(weight, sigma, mode, seed, offset, dtype):
+    """``W + sigma z`` in ``weight``'s shape, in ``dtype``, for a weight of any rank (its GEMM
+    view ``[shape[0], prod(shape[1:])]``, as :func:`fastnoise.reference.noisy_weight`).
+
+    CUDA: the Triton kernel (:func:`fastnoise.kernels.noise_gen.noisy_weight`); CPU: the C++
+    kernels when built (:mod:`fastnoise._cpu`), else the reference; float64 (either side) or
+    another device: the reference. ``offset``: an int or a one-element int64 tensor.
+    """
+    if dtype in dispatch.KERNEL_DTYPES and weight.dtype in dispatch.KERNEL_DTYPES:
+        if weight.device.type == "cuda" and dispatch.triton_usable(weight)[0]:
+            from .kernels import noise_gen
+
+            w4 = _as_4d(weight)
+            if w4 is not None:
+                off = offset if isinstance(offset, torch.Tensor) else torch.tensor(
+                    int(offset) & 0xFFFFFFFF, dtype=torch.int64, device=weight.device)
+                return noise_gen.noisy_weight(w4, sigma, mode, seed, off, dtype).view(weight.shape)
+        elif _cpu_generator(weight):
+            from . import _cpu
+
+            return _cpu.noisy_weight(weight, sigma, mode, seed, offset, dtype)
+    return reference.noisy_weight(weight, sigma, mode, seed, offset, dtype)
+
+
+def noisy_bias(bias, sigma, mode, seed, offset, dtype):
+    """``b + sigma z_b`` (row 0 of stream 1, each element with its channel's sigma), in ``dtype``;
+    devices and dtypes as :func:`noisy_weight`."""
+    if dtype in dispatch.KERNEL_DTYPES and bias.dtype in dispatch.KERNEL_DTYPES:
+        if bias.device.type == "cuda" and dispatch.triton_usable(bias)[0]:
+            from .kernels import noise_gen
+
+            off = offset if isinstance(offset, torch.Tensor) else torch.tensor(
+                int(offset) & 0xFFFFFFFF, dtype=torch.int64, device=bias.device)
+            return noise_gen.noisy_bias(bias, sigma, mode, seed, off, dtype)
+        if _cpu_generator(bias):
+            from . import _cpu
+
+            return _cpu.noisy_bias(bias, sigma, mode, seed, offset, dtype)
+    return reference.noisy_bias(bias, sigma, mode, seed, offset, dtype)
+
+
+def _as_4d(weight):
+    """A 2-D or 4-D view of ``weight`` with the same GEMM view (a trailing unit dim added, or the
+    middle dims of a 5-D+ weight merged when its strides allow), or None."""
+    if weight.dim() in (2, 4):
+        return weight
+    if weight.dim() in (1, 3):
+        return weight.unsqueeze(-1)
+    try:
+        return weight.view(weight.shape[0], weight.shape[1], -1, weight.shape[-1])
+    except RuntimeError:
+        return None
 
 
 def generated_bias(bias, sigma, mode, noise_bias, seed, offset, dtype):

@@ -12,7 +12,8 @@ Both Triton paths follow the noise contract, so any forward path pairs with any 
 - The backward of both regenerates ``W + sigma z`` once for grad input
   (``aten.convolution_backward``); grad weight needs only the weight's shape (straight-through).
 
-``auto`` takes the reference on the CPU and, on a GPU, ``fused`` when the output has at most
+``auto`` takes the C++ generator + oneDNN on the CPU (:mod:`fastnoise._backends_cpu`; the
+reference for float64 or without the built library) and, on a GPU, ``fused`` when the output has at most
 :data:`FUSED_MAX_OUTPUT_PIXELS` pixels and the weight is not too small to matter, else
 ``generate``. Half and single precision only: float64 runs the reference.
 """
@@ -146,8 +147,12 @@ def auto_path(x, weight, geometry) -> str:
 
 def choose(path, x, weight, geometry, backward=False):
     """The implementation of ``path`` for this call (``x`` is the grad in the backward)."""
-    if path == "reference" or (path == "auto" and x.device.type != "cuda"):
+    if path == "reference":
         return REFERENCE_CONV2D
+    if path == "auto" and x.device.type != "cuda":
+        from . import _backends_cpu
+
+        return _backends_cpu.CPU_CONV2D if _backends_cpu.usable(x, weight) else REFERENCE_CONV2D
     ok, why = dispatch.triton_usable(x)
     if ok and (x.dtype not in dispatch.KERNEL_DTYPES or weight.dtype not in dispatch.KERNEL_DTYPES):
         ok, why = False, f"Triton conv kernels take float16/bfloat16/float32, got {x.dtype}"
