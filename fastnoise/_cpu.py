@@ -26,7 +26,7 @@ import torch
 
 from . import dispatch
 
-__all__ = ["available", "why_unavailable", "noisy_weight", "noisy_bias", "normal_grid",
+__all__ = ["available", "why_unavailable", "library_path", "noisy_weight", "noisy_bias", "normal_grid",
            "philox_words", "kernel_isa", "set_kernel_isa", "SOURCES"]
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc" / "ops"
@@ -39,7 +39,7 @@ CFLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
-_state: dict = {"loaded": None, "why": ""}
+_state: dict = {"loaded": None, "why": "", "library": ""}
 
 
 def _build_name() -> str:
@@ -76,8 +76,9 @@ def _build_and_load() -> None:
 
         if not cpp_extension.is_ninja_available():
             raise RuntimeError("ninja is not installed (pip install ninja)")
+        name = _build_name()
         cpp_extension.load(
-            name=_build_name(),
+            name=name,
             sources=[str(_CSRC / rel) for rel in SOURCES],
             extra_cflags=list(CFLAGS),
             extra_ldflags=list(LDFLAGS),
@@ -86,6 +87,11 @@ def _build_and_load() -> None:
             with_cuda=False,
             verbose=False,
         )
+        try:  # where it is, for tests that read the machine code (a private torch helper)
+            folder = cpp_extension._get_build_directory(name, False)
+            _state["library"] = os.path.join(folder, f"{name}.so")
+        except Exception:
+            _state["library"] = ""
     finally:
         log.setLevel(level)
 
@@ -121,6 +127,11 @@ def available() -> bool:
 def why_unavailable() -> str:
     """Empty when the kernels are loaded, else the reason (after :func:`available`)."""
     return _state["why"]
+
+
+def library_path() -> str:
+    """The loaded shared library's path (after :func:`available`), else ``""``."""
+    return _state.get("library", "")
 
 
 def _ops():

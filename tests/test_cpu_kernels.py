@@ -145,6 +145,33 @@ def test_baseline_and_avx2_give_the_same_bits():
     assert all(torch.equal(a, b) for a, b in zip(out["baseline"], out["avx2"], strict=True))
 
 
+def test_only_the_avx2_copy_uses_avx():
+    """The build runs on any x86-64 CPU: no VEX-encoded (AVX) instruction outside the AVX2 copy
+    of the kernels, which runs only where the CPU has AVX2 + FMA (objdump of the library)."""
+    import re
+    import shutil
+
+    objdump = shutil.which("objdump")
+    if objdump is None or not _cpu.library_path() or not sys.platform.startswith("linux"):
+        pytest.skip("needs objdump and the built library on Linux x86-64")
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", _cpu.library_path()],
+                          capture_output=True, text=True, check=True).stdout
+    fn, vex_outside, avx2_ymm = None, set(), 0
+    for line in text.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            fn = m.group(1)
+            continue
+        m = re.match(r"\s+[0-9a-f]+:\s+(v\w+)\s", line)
+        if m and fn is not None:
+            if "fastnoise_cpu::avx2::" in fn:
+                avx2_ymm += "%ymm" in line
+            else:
+                vex_outside.add(fn)
+    assert not vex_outside, sorted(vex_outside)[:5]
+    assert avx2_ymm > 1000  # the AVX2 copy is vectorised (256-bit registers)
+
+
 # ----------------------------------------------------------------------------- W + sigma z
 def _sigma(spec_scale, w, b=None, eta=0.1):
     spec = NoiseSpec(eta, spec_scale, noise_bias=b is not None)

@@ -123,21 +123,25 @@ static inline void normal_block(const Stream& s, uint32_t row, uint32_t g0, floa
 
 static inline float bf16_to_f32(uint16_t h) { return u2f(static_cast<uint32_t>(h) << 16); }
 
+// all-ones when c holds: selects as bit masks keep the conversion loops free of branches
+static inline uint32_t mask(bool c) { return 0u - static_cast<uint32_t>(c); }
+
+static inline uint32_t select(uint32_t m, uint32_t a, uint32_t b) { return (a & m) | (b & ~m); }
+
 static inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7FFFu;
   // exponent and mantissa moved into a float's fields give the value times 2**-112, for
   // normals and subnormals alike; inf / NaN keep an all-ones exponent
   const float scaled = u2f(em << 13) * 5.192296858534828e+33f;  // 2**112
-  const uint32_t bits = em >= 0x7C00u ? ((em << 13) | 0x7F800000u) : f2u(scaled);
+  const uint32_t bits = select(mask(em >= 0x7C00u), (em << 13) | 0x7F800000u, f2u(scaled));
   return u2f(bits | sign);
 }
 
 static inline uint16_t f32_to_bf16(float f) {
   const uint32_t u = f2u(f);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+  return static_cast<uint16_t>(select(mask((u & 0x7FFFFFFFu) > 0x7F800000u), 0x7FC0u, rounded));
 }
 
 static inline uint16_t f32_to_f16(float f) {
@@ -149,9 +153,9 @@ static inline uint16_t f32_to_f16(float f) {
   // subnormal halves (|f| < 2**-14): adding 1/2 puts the float's last bit at 2**-24, the
   // half's unit, and the addition rounds to nearest even
   const uint32_t sub = f2u(u2f(a) + 0.5f) - 0x3F000000u;
-  uint32_t h = a < 0x38800000u ? sub : normal;
-  h = a >= 0x477FF000u ? 0x7C00u : h;  // rounds to >= 65520: infinity
-  h = a > 0x7F800000u ? 0x7E00u : h;   // NaN
+  uint32_t h = select(mask(a < 0x38800000u), sub, normal);
+  h = select(mask(a >= 0x477FF000u), 0x7C00u, h);  // rounds to >= 65520: infinity
+  h = select(mask(a > 0x7F800000u), 0x7E00u, h);   // NaN
   return static_cast<uint16_t>(h | sign);
 }
 
