@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -96,9 +97,12 @@ def _build_and_load() -> None:
         log.setLevel(level)
 
 
-def _last_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}"
+def _reason(e: BaseException) -> str:
+    """The telling line of a failed build: the compiler's first error, else the last line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    telling = [ln for ln in lines if re.search(r"error:|not found|No such file|fatal", ln)]
+    line = (telling or lines or [""])[0 if telling else -1]
+    return f"{type(e).__name__}: {line[:300]}"
 
 
 def available() -> bool:
@@ -115,7 +119,7 @@ def available() -> bool:
                     _build_and_load()
                     why = ""
                 except Exception as e:  # no compiler, no ninja, a failed build: all fall back
-                    why = f"building the C++ CPU kernels failed ({_last_line(e)})"
+                    why = f"building the C++ CPU kernels failed ({_reason(e)})"
             _state["why"] = why
             _state["loaded"] = not why
             if why:
