@@ -49,13 +49,9 @@ def noisy_weight(weight, sigma, mode, seed, offset, dtype):
     """
     if dtype in dispatch.KERNEL_DTYPES and weight.dtype in dispatch.KERNEL_DTYPES:
         if weight.device.type == "cuda" and dispatch.triton_usable(weight)[0]:
-            from .kernels import noise_gen
-
-            w4 = _as_4d(weight)
-            if w4 is not None:
-                off = offset if isinstance(offset, torch.Tensor) else torch.tensor(
-                    int(offset) & 0xFFFFFFFF, dtype=torch.int64, device=weight.device)
-                return noise_gen.noisy_weight(w4, sigma, mode, seed, off, dtype).view(weight.shape)
+            wn = triton_noisy_weight(weight, sigma, mode, seed, offset, dtype)
+            if wn is not None:
+                return wn
         elif _cpu_generator(weight):
             from . import _cpu
 
@@ -70,14 +66,30 @@ def noisy_bias(bias, sigma, mode, seed, offset, dtype):
         if bias.device.type == "cuda" and dispatch.triton_usable(bias)[0]:
             from .kernels import noise_gen
 
-            off = offset if isinstance(offset, torch.Tensor) else torch.tensor(
-                int(offset) & 0xFFFFFFFF, dtype=torch.int64, device=bias.device)
-            return noise_gen.noisy_bias(bias, sigma, mode, seed, off, dtype)
+            return noise_gen.noisy_bias(bias, sigma, mode, seed, _offset_tensor(offset, bias.device), dtype)
         if _cpu_generator(bias):
             from . import _cpu
 
             return _cpu.noisy_bias(bias, sigma, mode, seed, offset, dtype)
     return reference.noisy_bias(bias, sigma, mode, seed, offset, dtype)
+
+
+def _offset_tensor(offset, device):
+    if isinstance(offset, torch.Tensor):
+        return offset
+    return torch.tensor(int(offset) & 0xFFFFFFFF, dtype=torch.int64, device=device)
+
+
+def triton_noisy_weight(weight, sigma, mode, seed, offset, dtype):
+    """:func:`fastnoise.kernels.noise_gen.noisy_weight` for a weight of any rank (seen as 2-D or
+    4-D), or None when its strides allow no such view."""
+    from .kernels import noise_gen
+
+    w4 = _as_4d(weight)
+    if w4 is None:
+        return None
+    return noise_gen.noisy_weight(w4, sigma, mode, seed, _offset_tensor(offset, weight.device),
+                                  dtype).view(weight.shape)
 
 
 def _as_4d(weight):

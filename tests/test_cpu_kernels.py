@@ -302,6 +302,17 @@ def test_backends_noisy_weight_and_bias(shape, scale):
                        reference.noisy_weight(w64, sigma, mode, 11, 4, F64))
 
 
+@pytest.mark.skipif(not dispatch.triton_usable(torch.empty(1))[0], reason="no Triton device")
+@pytest.mark.parametrize("shape", [(13,), (13, 21), (5, 7, 9), (6, 4, 3, 3), (3, 2, 2, 3, 3)], ids=str)
+def test_backends_triton_route_any_rank(shape):
+    """The CUDA route of _backends.noisy_weight (here through the Triton interpreter): any rank."""
+    w = torch.randn(shape) * 0.3
+    sigma, mode = _sigma("absmax_per_channel", w if w.dim() > 1 else w.reshape(-1, 1))
+    got = _backends.triton_noisy_weight(w, sigma, mode, 11, 4, F32)
+    want = reference.noisy_weight(w, sigma, mode, 11, 4, F32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the auto path
 def test_auto_takes_the_cpp_path_on_cpu():
     x, w = torch.randn(3, 8), torch.randn(4, 8)
