@@ -15,8 +15,9 @@ Cases: noise generation of a 1024 x 1024 weight (normals/s, against ``torch.rand
 threads against one); Linear 1024 -> 1024 at M in {1, 16, 256, 2048}, forward (no grad, noise on)
 and forward + backward (dX, dW, db); Conv2d 64 -> 64 3x3 on 32 x 32 at batch 1 and 32; the
 resnet18 (torchvision, 10 classes) SGD train step at 32 x 32, batch 32; the robustness pass
-(resnet18 eval, 256 images x 10 draws: ``fastnoise.evaluate_robustness`` against 10 naive and 10
-clean passes); the live peak memory of a 16-layer 1024-wide MLP train step at batch 256.
+(resnet18 eval, 256 images x 10 draws: ``fastnoise.evaluate_robustness``, with and without
+``pregenerate=True``, against 10 naive and 10 clean passes); the live peak memory of a 16-layer
+1024-wide MLP train step at batch 256.
 
 ``extra_info``: ``ratio_vs_clean`` / ``ratio_vs_naive`` (medians of this session, side by side),
 ``normals_per_s`` and ``ratio_vs_randn_like`` (rates), ``speedup_vs_1_thread``, ``peak_bytes``.
@@ -215,17 +216,24 @@ def test_resnet18_train_step(benchmark, provider):
 DRAWS = 10
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", PROVIDERS + ["fastnoise_pregenerated"])
 def test_resnet18_robustness_pass(benchmark, provider):
-    """256 images x 10 draws: fastnoise.evaluate_robustness vs 10 passes of the naive / clean model."""
-    model = _as(provider, _resnet18()).eval()
+    """256 images x 10 draws: fastnoise.evaluate_robustness vs 10 passes of the naive / clean model.
+
+    ``fastnoise`` is evaluate_robustness as it is called by default (on the CPU each batch
+    regenerates the chip's noisy weights); ``fastnoise_pregenerated`` passes
+    ``pregenerate=True`` (each chip's weights generated once per pass, the same results)."""
+    model = _as("fastnoise" if provider.startswith("fastnoise") else provider, _resnet18()).eval()
     g = torch.Generator().manual_seed(1)
     loader = [(torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g))
               for _ in range(4)]
 
-    if provider == "fastnoise":
+    if provider.startswith("fastnoise"):
+        pregenerate = True if provider == "fastnoise_pregenerated" else None
+
         def run():
-            return fastnoise.evaluate_robustness(model, loader, etas=[ETA], draws=DRAWS, progress=False)
+            return fastnoise.evaluate_robustness(model, loader, etas=[ETA], draws=DRAWS, progress=False,
+                                                 pregenerate=pregenerate)
     else:
         def run():
             correct = 0
