@@ -41,10 +41,22 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// AMD Zen 1 (family 17h, models 00h-2Fh) splits each 256-bit operation in two 128-bit halves;
+// there the AVX2 copy measured slower than the SSE2 one and erratic when the core's other
+// hardware thread is busy (csrc/README.md), so it keeps the baseline
+bool avx2_is_slow() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  return __builtin_cpu_is("znver1");
+#else
+  return false;
+#endif
+}
+
 const Kernels* default_kernels() {
   const char* env = std::getenv("FASTNOISE_CPU_ISA");
   if (env != nullptr && std::strcmp(env, "baseline") == 0) return &kernels_baseline;
-  return cpu_has_avx2() ? &kernels_avx2 : &kernels_baseline;
+  if (env != nullptr && std::strcmp(env, "avx2") == 0 && cpu_has_avx2()) return &kernels_avx2;
+  return cpu_has_avx2() && !avx2_is_slow() ? &kernels_avx2 : &kernels_baseline;
 }
 
 std::atomic<const Kernels*> g_kernels{nullptr};
