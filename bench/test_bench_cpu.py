@@ -25,7 +25,10 @@ resnet18 (torchvision, 10 classes) SGD train step at 32 x 32, batch 32; the robu
 Live peak memory: the CPU allocator reports every allocation and free to the profiler
 (``profile_memory=True``), tensors allocated inside C++ ops included; the peak of their running
 sum over one step is the most memory the step held at once beyond what existed before it
-(parameters, inputs). It counts tensor storage only (not the allocator's or Python's own).
+(parameters, their ``.grad`` buffers (zeroed, not freed), the input). It counts tensor storage
+only (not the allocator's or Python's own). The profiler cannot size the free of a block
+allocated before it started, so the step must free nothing older than itself: hence
+``zero_grad(set_to_none=False)``, and two profiled steps must agree.
 """
 
 import copy
@@ -275,12 +278,14 @@ def test_mlp16_train_step_peak_memory(benchmark, provider):
     x = torch.randn(256, 1024)
 
     def step():
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)  # the .grad buffers stay: the step frees nothing older
         model(x).square().mean().backward()
         opt.step()
 
-    step()  # the optimizer's state and the .grad buffers exist from here on, for every provider
-    peak = _live_peak_bytes(step)
+    step()  # from here on the .grad buffers exist, for every provider
+    peaks = [_live_peak_bytes(step) for _ in range(2)]
+    assert peaks[0] == peaks[1], peaks  # the same allocations every step
+    peak = peaks[0]
     benchmark.group = "MLP 16 x 1024, batch 256, train step (live peak memory)"
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     benchmark.extra_info["peak_bytes"] = peak
