@@ -1,5 +1,7 @@
-"""Packaging: maps the top-level ``kernels/`` folder to ``fastnoise.kernels`` and builds the
-optional CUDA extension in ``csrc/`` when a compiler and CUDA are present.
+"""Packaging: maps the top-level ``kernels/`` folder to ``fastnoise.kernels`` and builds an
+optional CUDA extension from ``csrc/*.cu`` / ``csrc/*.cpp`` (top level; none today) when a
+compiler and CUDA are present. The C++ CPU kernels in ``csrc/ops/`` are not built here (pip's
+isolated build has no torch): ``fastnoise/_cpu.py`` builds them with ninja on first use.
 
 The extension is optional: with no compiler, no CUDA or ``FASTNOISE_NO_EXT=1`` the package
 installs and works (Triton and PyTorch paths).

@@ -1,5 +1,6 @@
 """The benchmarks need a CUDA GPU: without one, every test under ``bench/`` is skipped (not failed),
-except those marked ``host`` (host-side cost, measured on any machine).
+except those marked ``host`` (host-side cost, measured on any machine) or ``cpu`` (the CPU path,
+``test_bench_cpu.py``).
 
     python -m pytest bench/ --benchmark-columns=median,iqr,rounds
 """
@@ -17,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU")
     for item in items:
-        if item.get_closest_marker("host") is not None:
+        if item.get_closest_marker("host") is not None or item.get_closest_marker("cpu") is not None:
             continue
         if os.path.abspath(str(item.fspath)).startswith(BENCH_DIR + os.sep):
             item.add_marker(skip)

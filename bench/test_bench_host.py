@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnoise
-from fastnoise import _backends
+from fastnoise import _backends, _backends_cpu
 
 pytestmark = pytest.mark.host  # runs without a GPU (bench/conftest.py)
 pytest.importorskip("pytest_benchmark")
@@ -44,11 +44,16 @@ def _conv_forward(x, w, b, sigma, mode, noise_bias, seed, offset, stride, paddin
 
 @pytest.fixture(autouse=True)
 def _clean_kernels(monkeypatch):
-    """The CPU backend (the reference) swapped for the clean ops: no noise math is timed."""
+    """The CPU backends (the reference and the C++ path) swapped for the clean ops: no noise math
+    is timed."""
     monkeypatch.setattr(_backends.REFERENCE_LINEAR, "forward",
                         lambda x, w, b, *args: F.linear(x, w, b))
     monkeypatch.setattr(_backends.REFERENCE_LINEAR, "backward", _linear_backward)
     monkeypatch.setattr(_backends.REFERENCE_CONV2D, "forward", _conv_forward)
+    # the CPU's C++ path (what `auto` takes when it is built) likewise
+    monkeypatch.setattr(_backends_cpu.CPU_LINEAR, "forward", lambda x, w, b, *args: F.linear(x, w, b))
+    monkeypatch.setattr(_backends_cpu.CPU_LINEAR, "backward", _linear_backward)
+    monkeypatch.setattr(_backends_cpu.CPU_CONV2D, "forward", _conv_forward)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

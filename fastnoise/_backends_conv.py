@@ -12,7 +12,8 @@ Both Triton paths follow the noise contract, so any forward path pairs with any 
 - The backward of both regenerates ``W + sigma z`` once for grad input
   (``aten.convolution_backward``); grad weight needs only the weight's shape (straight-through).
 
-``auto`` takes the reference on the CPU and, on a GPU, ``fused`` when the output has at most
+``auto`` takes the C++ generator + oneDNN on the CPU (:mod:`fastnoise._backends_cpu`; the
+reference for float64 or without the built library) and, on a GPU, ``fused`` when the output has at most
 :data:`FUSED_MAX_OUTPUT_PIXELS` pixels and the weight is not too small to matter, else
 ``generate``. Half and single precision only: float64 runs the reference.
 """
@@ -25,7 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from ._backends import REFERENCE_CONV2D, generated_bias
+from ._backends_base import (  # noqa: F401
+    REFERENCE_CONV2D,
+    conv_out_hw,
+    conv_output_memory_format,
+    conv_output_shape,
+    generated_bias,
+    grad_memory_format,
+    output_pixels,
+)
 
 # Largest output M = N * OH * OW for which `auto` takes the fused kernel. A provisional value
 # from the performance model of the design notes (in-kernel noise costs one |W| of normals per
@@ -37,37 +46,6 @@ FUSED_MAX_OUTPUT_PIXELS = 256
 # hard to beat, so `auto` keeps generate. Provisional, set by the same benchmark.
 FUSED_MIN_WEIGHT_NUMEL = 4096
 
-
-
-def grad_memory_format(t: torch.Tensor) -> torch.memory_format:
-    """The layout of a gradient w.r.t. ``t`` (input or weight): ``t``'s own."""
-    return torch.channels_last if _strides_like_channels_last(t) else torch.contiguous_format
-
-
-def _strides_like_channels_last(t: torch.Tensor) -> bool:
-    """Whether a 4-D tensor's strides order it N, H, W, C (C fastest), as torch decides it for
-    ``suggest_memory_format``: walk C, W, H, N with non-decreasing strides; an N111-like tensor
-    whose C and N strides coincide counts as NCHW."""
-    if t.dim() != 4 or t.stride(1) == 0:
-        return False
-    lowest = 0
-    for d in (1, 3, 2, 0):
-        size, stride = t.shape[d], t.stride(d)
-        if size == 0 or stride < lowest:
-            return False
-        if d == 0 and lowest == t.stride(1):
-            return False
-        lowest = stride * size if size > 1 else stride
-    return True
-
-
-def conv_output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
-    """The noisy conv's output layout: channels_last when the input's or the weight's strides
-    are channels_last-like (cuDNN's and oneDNN's rule), else contiguous. The op's fake and all
-    paths follow it, so ``torch.compile`` sees the strides it is told."""
-    if x.dtype != torch.float64 and (_strides_like_channels_last(x) or _strides_like_channels_last(weight)):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _generate_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding,
@@ -113,27 +91,6 @@ GENERATE_CONV2D = SimpleNamespace(name="generate", forward=_generate_forward,
 FUSED_CONV2D = SimpleNamespace(name="fused", forward=_fused_forward, backward=_generate_backward)
 
 
-def conv_out_hw(h, w, weight, stride, padding, dilation):
-    """Output height and width of a 2-D convolution (explicit int padding)."""
-    kh, kw = weight.shape[2], weight.shape[3]
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return oh, ow
-
-
-def conv_output_shape(x, weight, geometry) -> tuple:
-    """``(N, Cout, OH, OW)``."""
-    stride, padding, dilation, _ = geometry
-    oh, ow = conv_out_hw(x.shape[-2], x.shape[-1], weight, stride, padding, dilation)
-    return x.shape[0], weight.shape[0], max(oh, 0), max(ow, 0)
-
-
-def output_pixels(x, weight, geometry) -> int:
-    """``M = N * OH * OW`` of the conv's implicit GEMM."""
-    n, _, oh, ow = conv_output_shape(x, weight, geometry)
-    return n * oh * ow
-
-
 # float32: the fused kernel multiplies float32 in IEEE precision on the FMA units, where ptxas
 # spills hundreds of registers for sm_90 (tests/test_kernels_compile.py -s), so `auto` keeps
 # cuDNN on a generated buffer (which also follows torch.backends.cudnn.allow_tf32).
@@ -152,8 +109,12 @@ def auto_path(x, weight, geometry) -> str:
 
 def choose(path, x, weight, geometry, backward=False):
     """The implementation of ``path`` for this call (``x`` is the grad in the backward)."""
-    if path == "reference" or (path == "auto" and x.device.type != "cuda"):
+    if path == "reference":
         return REFERENCE_CONV2D
+    if path == "auto" and x.device.type != "cuda":
+        from . import _backends_cpu
+
+        return _backends_cpu.CPU_CONV2D if _backends_cpu.usable(x, weight) else REFERENCE_CONV2D
     ok, why = dispatch.triton_usable(x)
     if ok and (x.dtype not in dispatch.KERNEL_DTYPES or weight.dtype not in dispatch.KERNEL_DTYPES):
         ok, why = False, f"Triton conv kernels take float16/bfloat16/float32, got {x.dtype}"

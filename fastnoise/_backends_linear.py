@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, reference
-from ._backends import REFERENCE_LINEAR, generated_bias
+from ._backends_base import REFERENCE_LINEAR, generated_bias
 
 # ``auto`` on CUDA: the fused kernel while the rows of the product (M = batch * tokens for the
 # forward, the same M for the input gradient) fit in this many, cuBLAS on a generated buffer
@@ -99,7 +99,8 @@ def auto_path(x: torch.Tensor) -> str:
 def choose(path, x, weight, backward=False):
     """The implementation of ``path`` for input ``x`` (``dY`` when ``backward``).
 
-    ``auto``: the reference off CUDA, on CUDA ``fused`` for at most :data:`FUSED_MAX_M` rows
+    ``auto``: on the CPU the C++ generator + BLAS (:mod:`fastnoise._backends_cpu`; the reference
+    for float64 or without the built library), on CUDA ``fused`` for at most :data:`FUSED_MAX_M` rows
     else ``generate`` (float32: see :data:`FUSED_FP32_NEEDS_TF32`). An explicit GPU path that
     cannot run (no CUDA and no ``TRITON_INTERPRET=1``, or float64) falls back to the reference
     with one warning.
@@ -107,7 +108,9 @@ def choose(path, x, weight, backward=False):
     if path == "reference":
         return REFERENCE_LINEAR
     if path == "auto" and x.device.type != "cuda":
-        return REFERENCE_LINEAR
+        from . import _backends_cpu
+
+        return _backends_cpu.CPU_LINEAR if _backends_cpu.usable(x, weight) else REFERENCE_LINEAR
     ok, why = dispatch.triton_usable(x)
     if ok and x.dtype not in dispatch.KERNEL_DTYPES:
         ok, why = False, f"the kernels take float16, bfloat16 or float32, got {x.dtype}"

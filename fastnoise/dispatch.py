@@ -8,8 +8,10 @@ Paths (all follow the same noise contract, so forward and backward may take diff
 - ``fused``: a Triton matmul / implicit-GEMM conv adds ``sigma z`` to each weight tile after
   loading it; nothing of the weight's size is written.
 
-``auto`` takes ``reference`` on the CPU and picks ``fused`` or ``generate`` from the shape on a
-GPU. Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+``auto`` picks ``fused`` or ``generate`` from the shape on a GPU; on the CPU it runs the C++
+generator of ``csrc/`` and torch's BLAS / oneDNN op (:mod:`fastnoise._backends_cpu`), or the
+reference when that library is not built (or for float64). Triton kernels also run on CPU
+tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 
 from __future__ import annotations

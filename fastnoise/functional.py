@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _backends, dispatch
-from ._backends_conv import conv_out_hw, conv_output_memory_format, grad_memory_format
+from ._backends_base import conv_out_hw, conv_output_memory_format, grad_memory_format
 from .rng import check_seed
 from .spec import NoiseSpec
 

@@ -20,8 +20,9 @@ or the weights change, so a pass over a dataset generates the noise once::
 Pregeneration is for forward-only passes: a layer whose weight needs a gradient (grad mode on,
 ``requires_grad``) takes its own path as usual (same noise, no buffer kept for backward).
 Layers called twice in one forward use the buffer on their first call only (the second call has
-a new offset). Without Triton on the weights' device the buffers come from the pure-PyTorch
-reference, again equal to what the layers compute themselves.
+a new offset). Without Triton on the weights' device the buffers come from the generator the
+layers' own calls use (:func:`fastnoise._backends.noisy_weight`: the C++ kernels on the CPU when
+built, else the pure-PyTorch reference), again equal to what the layers compute themselves.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import context, dispatch, functional, modules, reference, rng
+from . import _backends, context, dispatch, functional, modules, rng
 from .convert import noisy_layers
 
 __all__ = ["pregenerated", "noisy_weights"]
@@ -105,9 +106,9 @@ def _generate(jobs: list) -> list:
             bias = layer.bias
             sigma = functional._cached_sigma(spec, layer.weight, bias)
             noise_bias = spec.noise_bias and bias is not None
-            if not use_kernel:
-                wn = reference.noisy_weight(layer.weight, sigma, spec.mode, seed, offset, dtype)
-                bn = (reference.noisy_bias(bias, sigma, spec.mode, seed, offset, dtype) if noise_bias
+            if not use_kernel:  # the layer's own generator: C++ on the CPU, else the reference
+                wn = _backends.noisy_weight(layer.weight, sigma, spec.mode, seed, offset, dtype)
+                bn = (_backends.noisy_bias(bias, sigma, spec.mode, seed, offset, dtype) if noise_bias
                       else bias)
                 out[i] = (wn, bn)
                 continue

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnoise._backends_conv import conv_output_memory_format
+from fastnoise._backends_base import conv_output_memory_format
 from fastnoise.dispatch import triton_interpret
 
 from .philox import noise_scale, normal_at, normal_tile

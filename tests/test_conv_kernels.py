@@ -234,10 +234,15 @@ def _geo():
     return ([1, 1], [1, 1], [1, 1], 1)
 
 
-def test_auto_takes_the_reference_on_cpu():
+def test_auto_on_cpu_takes_the_cpp_path_or_the_reference():
+    """The C++ generator when built (tests/test_cpu_kernels.py tests it), else the reference."""
+    from fastnoise import _cpu
+
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
-    assert backends.choose("auto", x, w, _geo()).name == "reference"
-    assert backends.choose("auto", x, w, _geo(), backward=True).name == "reference"
+    want = "cpu" if _cpu.available() else "reference"
+    assert backends.choose("auto", x, w, _geo()).name == want
+    assert backends.choose("auto", x, w, _geo(), backward=True).name == want
+    assert backends.choose("auto", x.double(), w.double(), _geo()).name == "reference"
 
 
 @pytest.mark.skipif(not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"), reason="no Triton device")

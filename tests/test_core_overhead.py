@@ -1,8 +1,10 @@
 """Per-call eager overhead: sigma kept per weight, int offsets made once, same outputs.
 
 Ops are counted with :func:`fastnoise.testing.count_ops`. Every output is compared bit for bit
-with :mod:`fastnoise.reference` fed a sigma computed afresh from the current weights, so a
-kept sigma that should have been recomputed fails the comparison as well as the count.
+with the implementation the layer's ``auto`` call runs (:mod:`fastnoise.reference`, or the C++
+CPU kernels when built: ``tests/test_cpu_kernels.py`` compares those with the reference) fed a
+sigma computed afresh from the current weights, so a kept sigma that should have been
+recomputed fails the comparison as well as the count.
 """
 
 import gc
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 import fastnoise
-from fastnoise import NoiseSpec, functional, modules, reference, rng
+from fastnoise import NoiseSpec, _backends, functional, modules, rng
 from fastnoise.testing import count_ops
 
 AMINMAX = "aten.aminmax"
@@ -33,10 +35,19 @@ def _expected(layer, x, spec, draw=DRAW):
     noise_bias = spec.noise_bias and b is not None
     x = x.to(w.dtype)
     if isinstance(layer, fastnoise.Linear):
-        return reference.linear_forward(x, w, b, sigma, spec.mode, noise_bias, seed, draw)
-    return reference.conv2d_forward(x, w, b, sigma, spec.mode, noise_bias, seed, draw,
-                                    list(layer.stride), list(layer.padding), list(layer.dilation),
-                                    layer.groups)
+        return _linear_auto(x, w, b, sigma, spec.mode, noise_bias, seed, draw)
+    return _conv_auto(x, w, b, sigma, spec.mode, noise_bias, seed, draw, list(layer.stride),
+                      list(layer.padding), list(layer.dilation), layer.groups)
+
+
+def _linear_auto(x, w, *args):
+    """What a layer's ``path="auto"`` forward runs for these tensors."""
+    return _backends.linear_impl("auto", x, w).forward(x, w, *args)
+
+
+def _conv_auto(x, w, b, sigma, mode, noise_bias, seed, offset, *geometry):
+    impl = _backends.conv2d_impl("auto", x, w, tuple(geometry))
+    return impl.forward(x, w, b, sigma, mode, noise_bias, seed, offset, *geometry)
 
 
 def _counted(fn):
@@ -198,8 +209,8 @@ def test_training_forward_never_reads_kept_sigma(kind):
                                   NoiseSpec(0.1, "absmax_per_channel", noise_bias=True),
                                   NoiseSpec(0.05, "proportional")], ids=str)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_counter_mode_outputs_match_reference(kind, spec):
-    """``noise()`` without a draw: each call its own offset, sigma kept, outputs the reference's."""
+def test_counter_mode_outputs_match_the_auto_path(kind, spec):
+    """``noise()`` without a draw: each call its own offset, sigma kept, outputs the auto path's."""
     layer, x = _layer(kind, spec)
     layer.eval()
     seed = rng.mix64(rng.initial_seed(), layer.noise_id)
@@ -210,10 +221,10 @@ def test_counter_mode_outputs_match_reference(kind, spec):
         w, b = layer.weight.detach(), layer.bias.detach()
         sigma = spec.sigma(w, b)
         if kind == "linear":
-            want = reference.linear_forward(x, w, b, sigma, spec.mode, spec.noise_bias, seed, call)
+            want = _linear_auto(x, w, b, sigma, spec.mode, spec.noise_bias, seed, call)
         else:
-            want = reference.conv2d_forward(x, w, b, sigma, spec.mode, spec.noise_bias, seed, call,
-                                            [1, 1], [1, 1], [1, 1], 1)
+            want = _conv_auto(x, w, b, sigma, spec.mode, spec.noise_bias, seed, call,
+                              [1, 1], [1, 1], [1, 1], 1)
         assert torch.equal(y, want)
     assert int(layer.noise_calls) == 3
 
@@ -314,7 +325,7 @@ def test_eager_calls_skip_the_op_wrapper_with_the_same_results(kind, grad, monke
 # ----------------------------------------------------------------------------- tracing, fake, 2nd order
 def test_fake_tensor_mode_leaves_nothing_behind():
     """A shape/memory estimate under FakeTensorMode (real weights) keeps no fake sigma or offset:
-    the next real call returns a real tensor equal to the reference."""
+    the next real call returns a real tensor equal to the auto path's."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     fastnoise.manual_seed(0)

@@ -18,8 +18,8 @@ KERNELS = os.path.join(os.path.dirname(ROOT), "kernels")
 # the layers, top (imported by everything) to bottom; a new module must be given its place here
 LAYERS = [
     ("base", {"spec", "rng", "context", "dispatch"}),
-    ("reference and backends", {"reference", "kernels", "_backends", "_backends_linear", "_backends_conv",
-                                "_backends_cpu", "_cpu"}),
+    ("reference and backends", {"reference", "kernels", "_backends", "_backends_base", "_backends_linear",
+                                "_backends_conv", "_backends_cpu", "_cpu"}),
     ("ops", {"functional"}),
     ("layers", {"modules", "intercept", "convert"}),
     ("users of layers", {"pregenerate", "robustness", "testing", "cli", "train", "__init__", "__main__"}),

@@ -275,12 +275,17 @@ def test_extracted_noise_is_the_contract():
 
 
 # ----------------------------------------------------------------------------- dispatch
-def test_auto_is_the_reference_on_cpu_silently():
+def test_auto_on_cpu_is_the_cpp_path_or_the_reference_silently():
+    """The C++ generator when built (tests/test_cpu_kernels.py tests it), else the reference."""
+    from fastnoise import _cpu
+
     x, w = torch.randn(3, 8), torch.randn(4, 8)
+    want = "cpu" if _cpu.available() else "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backends.choose("auto", x, w).name == "reference"
-        assert backends.choose("auto", x, w, backward=True).name == "reference"
+        assert backends.choose("auto", x, w).name == want
+        assert backends.choose("auto", x, w, backward=True).name == want
+        assert backends.choose("auto", x.double(), w.double()).name == "reference"
         assert backends.choose("reference", x, w).name == "reference"
 
 

@@ -152,8 +152,9 @@ def test_training_counters_advance_the_same_way(monkeypatch):
     assert not torch.allclose(got[0], got[1])
 
 
-def test_bit_identical_to_the_reference_without_triton(monkeypatch):
-    """Without Triton on the device the buffers come from the reference: results are exact."""
+def test_bit_identical_to_the_layers_without_triton(monkeypatch):
+    """Without Triton on the device the buffers come from the generator the layers use (the C++
+    kernels on the CPU, else the reference): results are exact."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = _model().to("cpu").eval()
     x = _x().cpu()
