@@ -23,6 +23,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .dispatch import tracing
@@ -89,7 +90,7 @@ class NoiseSpec:
 
         From the finite elements only: a NaN or inf in the weight then poisons the outputs that
         torch would poison (those that multiply it), not every output of the layer. On the CPU
-        the check is one comparison and such a weight warns once; on CUDA and in traced graphs,
+        the check is one read of sigma and such a weight warns once; on CUDA and in traced graphs,
         where it would cost a host synchronisation, a non-finite sigma becomes 0 (that call of
         that layer draws no noise) without a warning.
         """
@@ -103,7 +104,8 @@ class NoiseSpec:
         s = self._from(w, b, finite=False)
         if weight.device.type != "cpu" or tracing():
             return torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
-        if bool(torch.isfinite(s).all()):
+        # read in place (a CPU tensor, no torch op: the training path's host time counts)
+        if np.isfinite(s.numpy()).all():
             return s
         s = self._from(w, b, finite=True)  # sigma of the finite elements
         _warn_nonfinite(weight)
