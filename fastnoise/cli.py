@@ -4,7 +4,7 @@
     fastnoise train --recipe NAME|FILE [--data DIR] [--out DIR] [--resume | --overwrite] [key=value ...]
     fastnoise eval (--run DIR | --recipe NAME|FILE --weights FILE) [--data DIR] [--etas ...] [--draws N]
     fastnoise study --recipe NAME|FILE [--seeds 0 1 2] [--etas ...] [--draws N] [--out DIR] [--resume]
-                    [--methods ...] [--data DIR] [key=value ...]
+                    [--methods ...] [--data DIR] [--threads N] [key=value ...]
     fastnoise recipes
 
 ``study`` trains one clean teacher, then a clean, a noise, a KD + noise and a consistency student
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--data", default=None, help="dataset folder (sets data.root)")
     st.add_argument("--out", default=None, help="study folder (default: runs/study-NAME)")
     st.add_argument("--resume", action="store_true", help="continue the study in --out")
+    st.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's; 1 is fastest for small models on a "
+                    "busy machine)")
     _add_common(st)
     st.add_argument("overrides", nargs="*", help="key=value settings")
 
@@ -207,8 +210,15 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_study(args) -> int:
+    import torch
+
+    from .train.recipes import ConfigError
     from .train.study import DEFAULT_DRAWS, STUDY_METHODS, run_study
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     study = run_study(args.recipe, seeds=args.seeds, etas=args.etas,
                       draws=DEFAULT_DRAWS if args.draws is None else args.draws, out=args.out,
                       methods=tuple(args.methods or STUDY_METHODS), overrides=args.overrides,
