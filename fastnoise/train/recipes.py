@@ -71,11 +71,13 @@ DEFAULTS: dict = {
     },
     "method": {
         "name": "kd",            # clean | noise | kd | consistency
-        "temperature": 6.0,      # kd
+        # the defaults of losses.py, where the measurements behind them are written down
+        "temperature": 6.0,      # kd (losses.DEFAULT_TEMPERATURE)
         "alpha": 0.9,            # kd: weight of the distillation term (losses.DEFAULT_ALPHA)
-        "lambda": 1.0,           # consistency: weight of the feature distance
+        "lambda": 1.0,           # consistency: weight of the feature distance (losses.DEFAULT_LAMBDA)
         "layers": [],            # consistency: module names whose outputs are compared
-        "distance": "mse",       # consistency: mse | cosine
+        "distance": "cosine",    # consistency: cosine | mse (losses.DEFAULT_DISTANCE; mse diverged on
+                                 # Fashion-MNIST)
         "label_smoothing": 0.0,
     },
     "noise": {

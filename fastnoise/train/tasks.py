@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..context import noise
-from .losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, consistency_loss, kd_terms
+from .losses import (
+    DEFAULT_ALPHA,
+    DEFAULT_DISTANCE,
+    DEFAULT_LAMBDA,
+    DEFAULT_TEMPERATURE,
+    consistency_loss,
+    kd_terms,
+)
 
 __all__ = ["FrozenTeacher", "FeatureCapture", "Task", "ClassificationTask", "DistillationTask",
            "ConsistencyTask", "keep_norm_stats", "eval_mode"]
@@ -213,7 +220,8 @@ class ConsistencyTask(Task):
             pass calls it directly, outside DDP.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], lam: float = 1.0, distance: str = "mse",
+    def __init__(self, model: nn.Module, layers: Sequence[str], lam: float = DEFAULT_LAMBDA,
+                 distance: str = DEFAULT_DISTANCE,
                  label_smoothing: float = 0.0, base: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
