@@ -63,7 +63,9 @@ def test_demo_is_deterministic(tmp_path, capsys):
 def test_recipes_command(capsys):
     assert main(["recipes"]) == 0
     assert capsys.readouterr().out.split() == ["cifar-resnet32-consistency", "cifar-resnet32-kd", "digits",
-                                               "imagenet-resnet50-consistency", "imagenet-resnet50-kd"]
+                                               "fashion-mnist-consistency", "fashion-mnist-kd",
+                                               "fashion-mnist-noise", "imagenet-resnet50-consistency",
+                                               "imagenet-resnet50-kd"]
 
 
 def test_argument_errors(capsys):

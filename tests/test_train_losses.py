@@ -127,9 +127,22 @@ def test_consistency_cosine_matches_formula():
 def test_consistency_clean_features_are_detached():
     noisy = torch.randn(3, 5, requires_grad=True)
     clean = torch.randn(3, 5, requires_grad=True)
-    consistency_loss([noisy], [clean]).backward()
+    consistency_loss([noisy], [clean], "mse").backward()
     assert clean.grad is None
     torch.testing.assert_close(noisy.grad, 2 * (noisy.detach() - clean.detach()) / noisy.numel())
+    noisy.grad = None
+    consistency_loss([noisy], [clean]).backward()  # the default distance (cosine)
+    assert clean.grad is None and noisy.grad is not None
+
+
+def test_default_distance_is_cosine():
+    from fastnoise.train.losses import DEFAULT_DISTANCE
+
+    a, b = torch.randn(4, 6), torch.randn(4, 6)
+    assert DEFAULT_DISTANCE == "cosine"
+    assert consistency_loss([a], [b]).item() == pytest.approx(consistency_loss([a], [b], "cosine").item())
+    scaled = consistency_loss([a], [b * 5.0]).item()  # scale-free
+    assert scaled == pytest.approx(consistency_loss([a], [b]).item(), rel=1e-5)
 
 
 def test_consistency_errors():

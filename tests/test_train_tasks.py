@@ -1,5 +1,7 @@
 """Training tasks: KD + noise, consistency, plain noise / clean, against manual computations."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,7 @@ def _student_and_teacher():
 def test_distillation_matches_kd_loss_on_the_same_noise():
     student, teacher = _student_and_teacher()
     task = DistillationTask(student, teacher, temperature=4.0, alpha=0.7)
+    teacher.eval()  # the teacher's mode is its owner's (FrozenTeacher runs it in eval mode per call)
     task.train()
     assert not task.teacher.training and not teacher.training
     x, y = _batch()
@@ -68,13 +71,62 @@ def test_teacher_frozen_and_student_gets_gradients():
     task = DistillationTask(student, teacher)
     x, y = _batch()
     task(x, y)["loss"].backward()
-    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())  # nothing recorded: inference mode
     assert all(p.grad is not None for p in student.parameters())
     assert not any(isinstance(m, (fastnoise.Linear, fastnoise.Conv2d)) for m in teacher.modules())
     ft = FrozenTeacher(Tiny())
     ft.train()
-    assert not ft.training and not ft.model.training
+    assert not ft.training and ft.model.training  # the wrapper's flag only
     assert not ft(x).is_inference()  # usable in autograd-tracked losses
+
+
+def test_teacher_is_left_as_the_user_had_it_after_a_kd_run():
+    """The issue's reproducer: requires_grad flags and modes (mixed, set by the user) are the
+    same after a few KD steps; BatchNorm statistics did not move (eval mode inside each call);
+    and a student made afterwards by deepcopy of the teacher trains."""
+    teacher = Tiny()
+    teacher.conv.weight.requires_grad_(False)  # the user's own choices, all kept
+    teacher.block.eval()
+    flags = {n: p.requires_grad for n, p in teacher.named_parameters()}
+    modes = {n: m.training for n, m in teacher.named_modules()}
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = copy.deepcopy(teacher)
+    fastnoise.convert(student, fastnoise.NoiseSpec(eta=0.1))
+    student.requires_grad_(True)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    with DistillationTask(student, teacher, temperature=2.0, alpha=0.5) as task:
+        task.train()
+        for _ in range(3):
+            out = task(*_batch())
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+    assert {n: p.requires_grad for n, p in teacher.named_parameters()} == flags
+    assert {n: m.training for n, m in teacher.named_modules()} == modes
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(student.fc.weight, teacher.fc.weight)  # the student did train
+
+    again = copy.deepcopy(teacher)  # made after the run
+    again.conv.weight.requires_grad_(True)
+    loss = F.cross_entropy(again(_batch()[0]), _batch()[1])
+    loss.backward()
+    assert all(p.grad is not None for p in again.parameters())
+
+
+def test_consistency_task_removes_its_hooks():
+    model = Tiny()
+    fastnoise.convert(model, fastnoise.NoiseSpec(eta=0.1))
+    with ConsistencyTask(model.train(), ["bn", "block", "fc"]) as task:
+        assert model.bn._forward_hooks and model.fc._forward_hooks
+        task(*_batch())["loss"].backward()
+    assert all(not m._forward_hooks for m in model.modules())
+    task.close()  # twice is harmless
+    with pytest.raises(RuntimeError, match="closed"):
+        task(*_batch())
+    plain = ConsistencyTask(model, ["fc"])
+    plain.close()
+    assert not model.fc._forward_hooks
 
 
 def test_noise_on_every_student_forward():

@@ -24,6 +24,12 @@ _EXPORTS = {
     "list_recipes": "recipes",
     "resolve": "recipes",
     "run_demo": "demo",
+    "run_study": "study",
+    "StudyResult": "study",
+    "evaluate_on_chips": "study",
+    "paired_difference": "study",
+    "build_data": "data",
+    "DataBundle": "data",
 }
 
 __all__ = list(_EXPORTS)

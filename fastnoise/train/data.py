@@ -4,12 +4,20 @@ Datasets (``data.dataset``):
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes, no
   download), split once by a fixed permutation into 1347 training and 450 test images.
+- ``fashion_mnist``: Fashion-MNIST (Xiao et al. 2017; 60000 training and 10000 test 28x28
+  grey images of 10 kinds of clothing) from its original idx files
+  (``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``, ``t10k-...``) in
+  ``data.root``; unset, Debian's ``/usr/share/datasets/fashion-mnist`` (``apt-get install
+  dataset-fashion-mnist``). Augmented (``data.augment``) with a random horizontal flip and a
+  random shift of up to 2 pixels (zero padded).
 - ``cifar10``: CIFAR-10's python-pickle folder (``data_batch_1`` .. ``data_batch_5``,
   ``test_batch``, ``batches.meta``), augmented with a 4-pixel padded random crop and a flip.
 - ``imagefolder``: torchvision ``ImageFolder`` ``train/`` and ``val/`` folders (ImageNet
   layout) with the usual ImageNet augmentation (random resized crop + flip; resize + centre
   crop for validation). An image that cannot be read is an error naming the file, or, with
   ``data.skip_unreadable=true``, replaced by the next readable sample and reported on stderr.
+- ``module.path:function`` (any name with a colon): the user's own data, see
+  :func:`build_data` for the protocol.
 
 Every dataset must have at least two classes.
 
@@ -22,8 +30,12 @@ nor an interruption changes what a step sees: a resumed run starts at the step i
 
 from __future__ import annotations
 
+import copy
+import gzip
+import math
 import os
 import pickle
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,10 +43,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..rng import mix64
+from .importpath import import_object, is_import_path
 from .recipes import ConfigError
 
 __all__ = ["DataBundle", "build_data", "EpochBatchSampler", "SeededSamples", "train_loader",
-           "eval_loader", "DigitsDataset", "CifarDataset", "CIFAR_FILES", "sample_seed", "load_image",
+           "eval_loader", "DigitsDataset", "CifarDataset", "FashionMNISTDataset", "CIFAR_FILES",
+           "FASHION_FILES", "FASHION_DEBIAN_ROOT", "DATASETS", "read_idx", "sample_seed", "load_image",
            "SkipUnreadable", "UnreadableFileError"]
 
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
@@ -42,6 +56,12 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                   "Bag", "Ankle boot")
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # of the 60000 training images, pixels in [0, 1]
 DIGITS_SPLIT_SEED = 20240601  # fixed: the split never depends on the run's seed
 DIGITS_TRAIN = 1347
 
@@ -139,6 +159,98 @@ class CifarDataset(Dataset):
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
         return (x - self.mean) / self.std, int(self.targets[i])
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """An idx file of unsigned bytes (LeCun's MNIST format; gzip-compressed if ``.gz``).
+
+    Header: two zero bytes, the type byte ``0x08`` (unsigned byte), the number of dimensions,
+    then each dimension as a big-endian uint32; the data follow, row-major. Anything else (a
+    wrong magic number, a file shorter or longer than its header says, a broken gzip stream)
+    is a :class:`ConfigError` naming the file.
+    """
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ConfigError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+    head = 4 + 4 * ndim
+    magic = 0x0800 | ndim
+    if len(raw) < head or int.from_bytes(raw[:4], "big") != magic:
+        got = f"0x{raw[:4].hex()}" if len(raw) >= 4 else f"{len(raw)} bytes"
+        raise ConfigError(f"{path}: not an idx file of unsigned bytes with {ndim} dimension(s) "
+                          f"(magic number 0x{magic:08x} expected, got {got})")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    size = head + math.prod(dims)
+    if len(raw) != size:
+        raise ConfigError(f"{path}: its header says {dims} ({size} bytes) but the file holds "
+                          f"{len(raw)} bytes")
+    return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(dims)
+
+
+def _fashion_file(root: str, name: str) -> str:
+    for candidate in (f"{name}.gz", name):
+        path = os.path.join(root, candidate)
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(f"{root!r} is not a Fashion-MNIST folder: {name}.gz is missing (the folder needs "
+                      "the four original idx files: train-images-idx3-ubyte.gz, "
+                      "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)")
+
+
+class FashionMNISTDataset(Dataset):
+    """Fashion-MNIST from its idx files: normalised ``[1, 28, 28]`` float tensors and labels 0..9.
+
+    ``augment``: a random horizontal flip and a random shift of up to 2 pixels each way (zero
+    padded), drawn from torch's RNG (seeded per sample by :class:`SeededSamples`).
+    """
+
+    def __init__(self, root: str, train: bool, augment: bool = False):
+        image_name, label_name = FASHION_FILES["train" if train else "test"]
+        image_path, label_path = _fashion_file(root, image_name), _fashion_file(root, label_name)
+        images, labels = read_idx(image_path, 3), read_idx(label_path, 1)
+        if images.shape[1:] != (28, 28):
+            raise ConfigError(f"{image_path}: images are {images.shape[1]}x{images.shape[2]}, "
+                              "Fashion-MNIST's are 28x28")
+        if len(images) != len(labels):
+            raise ConfigError(f"{image_path} holds {len(images)} images but {label_path} holds "
+                              f"{len(labels)} labels")
+        if len(labels) and int(labels.max()) >= len(FASHION_CLASSES):
+            raise ConfigError(f"{label_path}: a label is {int(labels.max())}, Fashion-MNIST has "
+                              f"{len(FASHION_CLASSES)} classes (0..9)")
+        self.images = torch.from_numpy(images.copy()).unsqueeze(1)  # uint8 [N, 1, 28, 28]
+        self.targets = torch.from_numpy(labels.astype(np.int64))
+        self.classes = list(FASHION_CLASSES)
+        self.augment = self.uses_rng = bool(augment)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        x = self.images[i].float().div_(255.0)
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+            dy, dx = torch.randint(0, 5, (2,)).tolist()
+            x = torch.nn.functional.pad(x, (2, 2, 2, 2))[:, dy:dy + 28, dx:dx + 28]
+        return x.sub_(FASHION_MEAN).div_(FASHION_STD), int(self.targets[i])
+
+
+def _fashion_mnist(cfg) -> DataBundle:
+    root = cfg["data"]["root"]
+    if root is None:
+        if not os.path.isdir(FASHION_DEBIAN_ROOT):
+            raise ConfigError(
+                "data.root is not set and Fashion-MNIST is not at Debian's location "
+                f"{FASHION_DEBIAN_ROOT}: install it (apt-get install dataset-fashion-mnist) or pass "
+                "--data DIR, a folder of the original idx files (train-images-idx3-ubyte.gz, "
+                "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)")
+        root = FASHION_DEBIAN_ROOT
+    else:
+        root = _require_root(cfg)
+    train = FashionMNISTDataset(root, True, bool(cfg["data"]["augment"]))
+    val = FashionMNISTDataset(root, False, False)
+    return DataBundle(train, val, len(FASHION_CLASSES), list(FASHION_CLASSES))
 
 
 def _digits(cfg) -> DataBundle:
@@ -268,15 +380,87 @@ class SkipUnreadable(Dataset):
         raise UnreadableFileError(f"no readable sample in the dataset ({n} files, all unreadable)")
 
 
-_BUILDERS = {"digits": _digits, "cifar10": _cifar, "imagefolder": _imagefolder}
+_BUILDERS = {"digits": _digits, "cifar10": _cifar, "fashion_mnist": _fashion_mnist,
+             "imagefolder": _imagefolder}
+DATASETS = tuple(sorted(_BUILDERS))  # the built-in names of data.dataset
+
+def _is_map_dataset(ds) -> bool:
+    return (not isinstance(ds, torch.utils.data.IterableDataset) and hasattr(ds, "__len__")
+            and hasattr(ds, "__getitem__"))
+
+
+def _count_classes(ds):
+    """A dataset's class count from what it says about itself, or None."""
+    classes = getattr(ds, "classes", None)
+    if classes is not None:
+        return len(classes)
+    targets = getattr(ds, "targets", None)
+    if targets is None and isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) >= 2:
+        targets = ds.tensors[1]
+    if targets is not None and len(targets):
+        return int(torch.as_tensor(targets).max()) + 1
+    return None
+
+
+def _import_data(cfg) -> DataBundle:
+    path = cfg["data"]["dataset"]
+    build = import_object(path, "data.dataset")
+    try:
+        out = build(copy.deepcopy(cfg["data"]))
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"data.dataset {path!r} raised {type(e).__name__}: {e}") from e
+    if isinstance(out, DataBundle):
+        train, val = out.train, out.val
+    elif isinstance(out, (tuple, list)) and len(out) == 2:
+        train, val = out
+    else:
+        raise ConfigError(f"data.dataset {path!r} returned {type(out).__name__}; it must return a "
+                          "fastnoise.train.data.DataBundle or a (train, val) pair of datasets")
+    for split, ds in (("training", train), ("validation", val)):
+        if not _is_map_dataset(ds):
+            raise ConfigError(f"data.dataset {path!r}: the {split} set is a {type(ds).__name__}, not a "
+                              "map-style dataset (__len__ and __getitem__)")
+        if len(ds) == 0:
+            raise ConfigError(f"data.dataset {path!r}: the {split} set is empty")
+        sample = ds[0]
+        pair = isinstance(sample, (tuple, list)) and len(sample) == 2
+        if not (pair and isinstance(sample[0], torch.Tensor)):
+            raise ConfigError(f"data.dataset {path!r}: {split} sample 0 is a {type(sample).__name__}; "
+                              "each sample must be an (input tensor, label) pair")
+    if isinstance(out, DataBundle):
+        return out
+    n = cfg["data"]["num_classes"] or _count_classes(train)
+    if n is None:
+        raise ConfigError(f"data.dataset {path!r}: cannot tell the number of classes (its training "
+                          "set has no .classes or .targets): set data.num_classes")
+    classes = getattr(train, "classes", None)
+    bundle = DataBundle(train, val, int(n), list(classes) if classes is not None else [])
+    return bundle
 
 
 def build_data(cfg) -> DataBundle:
-    """Both splits of ``cfg['data']['dataset']``; user errors raise :class:`ConfigError`."""
+    """Both splits of ``cfg['data']['dataset']``; user errors raise :class:`ConfigError`.
+
+    ``data.dataset`` is a built-in name (:data:`DATASETS`) or an import path
+    ``package.module:function``. The function is called with a copy of the ``data`` section
+    (a dict: ``root``, ``augment``, ``image_size``, ... as the run has them) and returns either a
+    :class:`DataBundle` or a ``(train, val)`` pair of map-style datasets whose samples are
+    ``(input tensor, integer label)``; for a pair, the class count is ``data.num_classes`` if set,
+    else ``len(train.classes)``, else ``max(train.targets) + 1`` (a ``TensorDataset``'s second
+    tensor counts as its targets). Augmentation that draws from torch's global RNG resumes
+    exactly (each sample's draw is seeded, see :class:`SeededSamples`); a dataset that draws from
+    NumPy's or Python's RNG does not. A dataset with ``uses_rng = False`` is not seeded.
+    """
     name = cfg["data"]["dataset"]
-    if name not in _BUILDERS:
-        raise ConfigError(f"data.dataset must be one of {sorted(_BUILDERS)}, got {name!r}")
-    bundle = _BUILDERS[name](cfg)
+    if is_import_path(name):
+        bundle = _import_data(cfg)
+    elif name in _BUILDERS:
+        bundle = _BUILDERS[name](cfg)
+    else:
+        raise ConfigError(f"data.dataset must be one of {sorted(_BUILDERS)} or an import path "
+                          f"package.module:function, got {name!r}")
     if bundle.num_classes < 2:
         raise ConfigError(f"the {name} data has {bundle.num_classes} class(es) {bundle.classes}: "
                           "classification needs at least two")

@@ -48,8 +48,8 @@ DEFAULTS: dict = {
     "name": "run",
     "seed": 0,
     "data": {
-        "dataset": "digits",     # digits | cifar10 | imagefolder
-        "root": None,            # local folder (cifar10, imagefolder)
+        "dataset": "digits",     # digits | fashion_mnist | cifar10 | imagefolder | package.module:function
+        "root": None,            # local folder (cifar10, imagefolder; fashion_mnist: Debian's if unset)
         "num_classes": None,     # None: take the data's; else it must agree with the data
         "image_size": None,      # imagefolder: training crop and validation crop (224)
         "val_resize": None,      # imagefolder: shorter side before the centre crop (size*256/224)
@@ -60,7 +60,7 @@ DEFAULTS: dict = {
         "skip_unreadable": False,  # imagefolder: skip (and report) image files that cannot be read
     },
     "model": {
-        "arch": "digits_cnn",
+        "arch": "digits_cnn",    # a built-in (models.ARCHS) or package.module:function (num_classes)
         "init": None,            # None (fresh), "teacher" (the teacher's weights) or a file path
         "channels_last": "auto",  # auto: on CUDA for convnets
     },
@@ -72,11 +72,13 @@ DEFAULTS: dict = {
     },
     "method": {
         "name": "kd",            # clean | noise | kd | consistency
-        "temperature": 6.0,      # kd
+        # the defaults of losses.py, where the measurements behind them are written down
+        "temperature": 6.0,      # kd (losses.DEFAULT_TEMPERATURE)
         "alpha": 0.9,            # kd: weight of the distillation term (losses.DEFAULT_ALPHA)
-        "lambda": 1.0,           # consistency: weight of the feature distance
+        "lambda": 1.0,           # consistency: weight of the feature distance (losses.DEFAULT_LAMBDA)
         "layers": [],            # consistency: module names whose outputs are compared
-        "distance": "mse",       # consistency: mse | cosine
+        "distance": "cosine",    # consistency: cosine | mse (losses.DEFAULT_DISTANCE; mse diverged on
+                                 # Fashion-MNIST)
         "label_smoothing": 0.0,
     },
     "noise": {
@@ -216,6 +218,27 @@ def _choice(cfg, key, options):
         raise ConfigError(f"{key} must be one of {list(options)}, got {node!r}")
 
 
+def _name_or_import(cfg, key, options, probe: bool = False):
+    """A built-in name, or an import path ``package.module:function`` (imported now, so a typo
+    fails before any run folder is written; a model builder is also called once on the meta
+    device to check that it returns an ``nn.Module``)."""
+    from .importpath import import_object, is_import_path
+
+    node = cfg
+    for p in key.split("."):
+        node = node[p]
+    if not is_import_path(node):
+        if node not in options:
+            raise ConfigError(f"{key} must be one of {list(options)} or an import path "
+                              f"package.module:function, got {node!r}")
+        return
+    import_object(node, key)
+    if probe:
+        from .models import probe_import_arch
+
+        probe_import_arch(node)
+
+
 def validate(cfg: dict) -> dict:
     """Check types and ranges; raises :class:`ConfigError` naming the key. Returns ``cfg``."""
     from ..spec import SCALES
@@ -224,16 +247,16 @@ def validate(cfg: dict) -> dict:
     from .models import ARCHS
 
     _num(cfg, "seed", 0, integer=True)
-    _choice(cfg, "data.dataset", sorted(_BUILDERS))
+    _name_or_import(cfg, "data.dataset", sorted(_BUILDERS))
     _num(cfg, "data.num_classes", 2, integer=True, allow_none=True)
     _num(cfg, "data.image_size", 8, integer=True, allow_none=True)
     _num(cfg, "data.val_resize", 8, integer=True, allow_none=True)
     _num(cfg, "data.batch_size", 1, integer=True)
     _num(cfg, "data.eval_batch_size", 1, integer=True)
     _num(cfg, "data.workers", 0, integer=True)
-    _choice(cfg, "model.arch", sorted(ARCHS))
+    _name_or_import(cfg, "model.arch", sorted(ARCHS), probe=True)
     if cfg["teacher"]["arch"] is not None:
-        _choice(cfg, "teacher.arch", sorted(ARCHS))
+        _name_or_import(cfg, "teacher.arch", sorted(ARCHS), probe=True)
     _choice(cfg, "model.channels_last", ["auto", True, False])
     _num(cfg, "teacher.epochs", 0, integer=True)
     _num(cfg, "teacher.lr", 0, allow_none=True, lo_open=True)

@@ -10,6 +10,15 @@
 
 Each task takes ``(x, y)`` and returns a dict with ``loss`` (float32 scalar to backpropagate),
 ``output`` (the trained model's logits) and the loss terms (detached) for logging.
+
+The models a task is given stay the user's: the teacher's ``requires_grad`` flags and train/eval
+modes are left as they were (it runs in eval mode under ``torch.inference_mode`` only for the
+duration of each call), and the hooks of :class:`ConsistencyTask` come off with ``close()`` or
+at the end of a ``with`` block::
+
+    with ConsistencyTask(model, ["layer1", "layer2"]) as task:
+        ...  # train
+    assert not model.layer1._forward_hooks
 """
 
 from __future__ import annotations
@@ -23,29 +32,57 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..context import noise
-from .losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, consistency_loss, kd_terms
+from .losses import (
+    DEFAULT_ALPHA,
+    DEFAULT_DISTANCE,
+    DEFAULT_LAMBDA,
+    DEFAULT_TEMPERATURE,
+    consistency_loss,
+    kd_terms,
+)
 
-__all__ = ["FrozenTeacher", "FeatureCapture", "ClassificationTask", "DistillationTask", "ConsistencyTask",
-           "keep_norm_stats"]
+__all__ = ["FrozenTeacher", "FeatureCapture", "Task", "ClassificationTask", "DistillationTask",
+           "ConsistencyTask", "keep_norm_stats", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` and every submodule in eval mode inside the block; each one's own mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class FrozenTeacher(nn.Module):
-    """A model in eval mode, without gradients, run under ``torch.inference_mode``.
+    """Runs a model in eval mode under ``torch.inference_mode``: no gradients, no state changes.
 
-    ``train()`` leaves it in eval mode. Its logits are cloned on the way out: a tensor made in
-    inference mode cannot be saved for backward, and the clone (of ``[batch, classes]``, cheap)
-    is an ordinary tensor whatever the loss does with it.
+    The model is not changed: neither its parameters' ``requires_grad`` nor its modules' modes
+    (each call switches it to eval mode and puts every submodule's mode back after, see
+    :func:`eval_mode`), so the user's model trains as before once it is out of the task (a
+    student made by ``copy.deepcopy(teacher)`` trains). ``train()`` does not reach the model.
+    Inference mode, not ``requires_grad``, is what keeps gradients out: nothing the teacher
+    computes is recorded. Its logits are cloned on the way out: a tensor made in inference mode
+    cannot be saved for backward, and the clone (of ``[batch, classes]``, cheap) is an
+    ordinary tensor whatever the loss does with it.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.training = False
 
     def train(self, mode: bool = True):
-        return super().train(False)
+        self.training = False  # only this wrapper's flag: the model's modes are its owner's
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(self.model):
             out = self.model(x)
         return out.clone()
 
@@ -91,8 +128,14 @@ class FeatureCapture:
             self._store = None
 
     def remove(self) -> None:
+        """Take the hooks off the model (idempotent)."""
         for h in self._handles:
             h.remove()
+        self._handles = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
 
 
 @contextlib.contextmanager
@@ -114,7 +157,21 @@ def _ce(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> t
     return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
 
 
-class ClassificationTask(nn.Module):
+class Task(nn.Module):
+    """Base of the tasks: ``close()`` releases what the task put on the models (hooks), and a
+    ``with`` block closes it at the end. Closing twice is harmless."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ClassificationTask(Task):
     """Cross-entropy; ``noisy=False`` turns the layers' noise off (clean training)."""
 
     def __init__(self, model: nn.Module, noisy: bool = True, label_smoothing: float = 0.0):
@@ -128,8 +185,12 @@ class ClassificationTask(nn.Module):
         return {"loss": loss, "output": out, "ce": loss.detach()}
 
 
-class DistillationTask(nn.Module):
-    """``(1 - alpha) * CE(s, y) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))``, ``s`` noisy."""
+class DistillationTask(Task):
+    """``(1 - alpha) * CE(s, y) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))``, ``s`` noisy.
+
+    ``teacher`` is wrapped in a :class:`FrozenTeacher` (unless it is one), which leaves the
+    user's module as it is.
+    """
 
     def __init__(self, model: nn.Module, teacher: nn.Module, temperature: float = DEFAULT_TEMPERATURE,
                  alpha: float = DEFAULT_ALPHA, label_smoothing: float = 0.0):
@@ -146,8 +207,11 @@ class DistillationTask(nn.Module):
         return {"loss": loss, "output": s, "teacher_output": t, "ce": ce.detach(), "kd": kd.detach()}
 
 
-class ConsistencyTask(nn.Module):
+class ConsistencyTask(Task):
     """``CE(noisy logits, y) + lambda * consistency_loss(noisy feats, clean feats)``.
+
+    Its forward hooks sit on ``base``'s modules from construction until :meth:`close` (or the
+    end of a ``with`` block); a closed task refuses to run.
 
     Args:
         model: the noisy model as called for training (possibly wrapped by DDP).
@@ -156,7 +220,8 @@ class ConsistencyTask(nn.Module):
             pass calls it directly, outside DDP.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], lam: float = 1.0, distance: str = "mse",
+    def __init__(self, model: nn.Module, layers: Sequence[str], lam: float = DEFAULT_LAMBDA,
+                 distance: str = DEFAULT_DISTANCE,
                  label_smoothing: float = 0.0, base: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
@@ -164,7 +229,13 @@ class ConsistencyTask(nn.Module):
         self.capture = FeatureCapture(self.base, layers)
         self.lam, self.distance, self.label_smoothing = lam, distance, label_smoothing
 
+    def close(self) -> None:
+        """Remove the forward hooks from the model."""
+        self.capture.remove()
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        if not self.capture.active:
+            raise RuntimeError("this ConsistencyTask is closed (its hooks were removed); make a new one")
         # The clean pass: same weights, noise off, no autograd. no_grad rather than
         # inference_mode: the clean features are the MSE's target, and mse_loss saves its
         # target for backward, which an inference-mode tensor cannot be.

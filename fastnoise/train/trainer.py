@@ -746,6 +746,7 @@ class Trainer:
                     if self.stop_at_step is not None and self.global_step >= self.stop_at_step:
                         self._bar = None
                         self._save()
+                        self.task.close()  # hooks off the model
                         self.log(f"stopped at step {self.global_step}; continue with --resume")
                         return TrainResult(self.out, self.global_step, self.epoch, True, self.metrics)
                     if ck_every and self.global_step % ck_every == 0 and self.step_in_epoch < spe:
@@ -775,6 +776,7 @@ class Trainer:
             self._bar = None
         self._check_finite()
         err = None
+        self.task.close()  # hooks off the model (consistency), before the final evaluation
         if self.dist.is_main:
             try:
                 ckpt.save_atomic(self.base.state_dict(), self._path("model.pth"))

@@ -1,0 +1,460 @@
+"""``fastnoise study``: every method from one teacher, several seeds, on the same simulated chips.
+
+What it does, for a recipe (any recipe: the study sets ``method.name`` itself):
+
+1. trains one clean teacher (``teacher.epochs`` of the recipe, in ``OUT/teacher``), or takes
+   ``teacher.weights``;
+2. for each seed ``s`` trains one student per method (``clean``, ``noise``, ``kd``,
+   ``consistency``) from that teacher with ``seed=s`` (data order, augmentation and training
+   noise follow the seed), in ``OUT/seed{s}/{method}``;
+3. measures every model (the teacher too) at each eta over ``draws`` simulated chips. The chips
+   are those of seed ``s`` (:func:`evaluate_on_chips` with ``chips=s``, which names each layer's
+   chip by its qualified name): within a seed every model meets the very same chips, so a
+   difference between two methods on one chip is paired;
+   across seeds the chips are new draws, so chips are nested within seeds;
+4. writes ``accuracies.csv`` (every accuracy: model, seed, chips, eta, draw, top-1),
+   ``tables.md`` (the two tables below) and ``robustness.png``, and prints the tables.
+
+Table 1: top-1 mean ± std per model and eta over all seeds and chips (the std holds both the
+seed-to-seed and the chip-to-chip spread). Table 2: for each method, the paired difference to
+noise-only, ``mean [95% CI]`` in points of top-1, from :func:`paired_difference`.
+
+The interval. A cell's data are ``d[s][k] = acc(method, s, chip k) - acc(noise, s, chip k)``.
+The draws within a seed share the seed's two trained models, so they are not independent
+replicates: treating the ``S x K`` differences as independent would shrink the interval by up
+to ``sqrt(K)``. The seeds are the independent units. The interval is Student's t over the
+per-seed means ``m_s = mean_k d[s][k]``: ``mean(m) ± t(0.975, S-1) * sd(m) / sqrt(S)``. For
+this balanced nested design it is the classical interval for the grand mean of a one-way
+random-effects model (the variance of the grand mean is ``(var_seed + var_chip / K) / S``,
+estimated without bias by ``var(m_s) / S``); it is exact when the per-seed means are normal,
+and it counts the chip-to-chip spread through the ``m_s``. With 3 seeds the t factor is 4.30,
+so intervals are wide: that is the honest price of 3 training runs per method. At eta = 0
+there is one clean pass per seed and the interval is over the seeds alone.
+
+Resumable: ``resume=True`` continues a study in its folder (trained runs are kept, an
+interrupted run resumes exactly from its ``last.pt``, evaluations already done are read back
+from ``OUT/evals``); the settings must be the same. Without it an existing folder is refused:
+a study never overwrites (or silently reuses) a folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..convert import convert, noisy_layers
+from ..robustness import RobustnessResult, evaluate_robustness, plot_results
+from ..spec import NoiseSpec
+from . import checkpoint as ckpt
+from .data import build_data, eval_loader
+from .models import CLASSIFIER, CONVNETS, build_model
+from .recipes import ConfigError, resolve
+from .trainer import Trainer, teacher_config
+
+__all__ = ["STUDY_METHODS", "STUDY_ETA_FACTORS", "StudyResult", "run_study", "evaluate_on_chips",
+           "chip_identity", "paired_difference", "t_quantile"]
+
+STUDY_METHODS = ("clean", "noise", "kd", "consistency")
+BASELINE = "noise"
+# default etas: these multiples of the training eta (0 to 1.5x, denser around the training eta)
+STUDY_ETA_FACTORS = (0.0, 0.5, 1.0, 1.5)
+DEFAULT_DRAWS = 8
+MARKER = "study.json"
+STUDY_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- statistics
+def _t_cdf(t: float, df: int) -> float:
+    """Student's t CDF by Simpson's rule on the density (smooth, so 2000 panels give ~1e-10)."""
+    if t < 0:
+        return 1.0 - _t_cdf(-t, df)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    n = 2000
+    h = t / n
+    total = 0.0
+    for i in range(n + 1):
+        x = i * h
+        f = math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
+        total += f * (1 if i in (0, n) else 4 if i % 2 else 2)
+    return 0.5 + total * h / 3
+
+
+@functools.lru_cache(maxsize=256)
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p!r}")
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an int >= 1, got {df!r}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if _t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def paired_difference(diffs_by_seed: Sequence[Sequence[float]], level: float = 0.95) -> dict:
+    """Mean paired difference and its ``level`` confidence interval for a nested design.
+
+    ``diffs_by_seed[s]`` holds the differences of seed ``s`` (one per chip; chips nested within
+    seeds). The interval is Student's t over the per-seed means (see the module docstring):
+    ``mean ± t((1 + level) / 2, S - 1) * sd(means) / sqrt(S)``. Returns ``{"mean", "low",
+    "high", "seeds", "seed_means"}``; with one seed the bounds are NaN (no spread to measure).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    means = []
+    for s, d in enumerate(diffs_by_seed):
+        d = [float(v) for v in d]
+        if not d:
+            raise ValueError(f"seed {s} has no differences")
+        means.append(sum(d) / len(d))
+    if not means:
+        raise ValueError("no seeds")
+    n = len(means)
+    mean = sum(means) / n
+    if n < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "seeds": n, "seed_means": means}
+    sd = math.sqrt(sum((m - mean) ** 2 for m in means) / (n - 1))
+    half = t_quantile((1.0 + level) / 2.0, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": n, "seed_means": means}
+
+
+# ----------------------------------------------------------------------------- the same chips
+def chip_identity(model) -> tuple:
+    """What, besides the chip seed, decides a model's simulated chips: the qualified names of its
+    noisy layers. Models with equal identities evaluated with equal ``chips`` meet the same chips."""
+    return tuple(name for name, _ in noisy_layers(model))
+
+
+def evaluate_on_chips(model, loader, etas, draws: int, chips: int, **kwargs) -> RobustnessResult:
+    """:func:`fastnoise.evaluate_robustness` on the simulated chips numbered ``chips``.
+
+    The one place the study decides which chips a model meets: ``evaluate_robustness(...,
+    seed=chips)``, where draw ``k`` of a layer is a function of (``chips``, the layer's qualified
+    name in ``model``, ``k``). So two models with the same :func:`chip_identity` meet the same
+    chips for the same ``chips``, however and in whatever order they were built, and the
+    process's global noise seed is left alone.
+    """
+    return evaluate_robustness(model, loader, etas, draws, seed=int(chips), **kwargs)
+
+
+# ----------------------------------------------------------------------------- the study
+@dataclass
+class StudyResult:
+    """Every accuracy of a study: ``results[(model, seed)]`` is that model's
+    :class:`RobustnessResult` on the chips of ``seed`` (``model``: ``teacher`` or a method)."""
+
+    out: str
+    etas: list
+    seeds: list
+    models: list
+    draws: int
+    results: dict = field(default_factory=dict)
+    tables: str = ""
+
+    def values(self, model: str, eta_index: int) -> list:
+        """All accuracies of ``model`` at ``etas[eta_index]``, over seeds and chips."""
+        return [v for s in self.seeds for v in self.results[(model, s)].accuracies[eta_index]]
+
+    def difference(self, model: str, eta_index: int, baseline: str = BASELINE, level: float = 0.95) -> dict:
+        """:func:`paired_difference` of ``model`` against ``baseline`` at ``etas[eta_index]``."""
+        diffs = []
+        for s in self.seeds:
+            a = self.results[(model, s)].accuracies[eta_index]
+            b = self.results[(baseline, s)].accuracies[eta_index]
+            diffs.append([x - y for x, y in zip(a, b, strict=True)])
+        return paired_difference(diffs, level)
+
+
+def _mean_std(values) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def _signed(v: float) -> str:
+    return f"{v:+.2f}"
+
+
+def format_tables(study: StudyResult, header: str = "") -> str:
+    """Table 1 (mean ± std per model and eta) and table 2 (paired differences to noise-only)."""
+    lines = []
+    if header:
+        lines += [header, ""]
+    lines += ["| eta | " + " | ".join(study.models) + " |", "|---|" + "---|" * len(study.models)]
+    for i, e in enumerate(study.etas):
+        cells = []
+        for m in study.models:
+            mean, sd = _mean_std(study.values(m, i))
+            cells.append(f"{mean:.2f} ± {sd:.2f}")
+        lines.append(f"| {e:g} | " + " | ".join(cells) + " |")
+    others = [m for m in study.models if m not in ("teacher", BASELINE)]
+    if BASELINE in study.models and others:
+        lines += ["", f"Paired difference to {BASELINE}-only (points of top-1, same seed and same chip): "
+                  f"mean [95% CI], t over the {len(study.seeds)} per-seed means", "",
+                  "| eta | " + " | ".join(f"{m} - {BASELINE}" for m in others) + " |",
+                  "|---|" + "---|" * len(others)]
+        for i, e in enumerate(study.etas):
+            cells = []
+            for m in others:
+                d = study.difference(m, i)
+                ci = ("[n/a]" if math.isnan(d["low"]) else f"[{_signed(d['low'])}, {_signed(d['high'])}]")
+                cells.append(f"{_signed(d['mean'])} {ci}")
+            lines.append(f"| {e:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _check_int_list(name: str, values, lo: int = 0) -> list:
+    values = list(values)
+    if not values:
+        raise ConfigError(f"{name} is empty")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ConfigError(f"{name}: each must be an int >= {lo}, got {v!r}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{name} has repeats: {values}")
+    return values
+
+
+def _settings(cfg, seeds, etas, draws, methods) -> dict:
+    return {"version": STUDY_VERSION, "seeds": seeds, "etas": etas, "draws": draws, "methods": methods,
+            "config": cfg}
+
+
+def _check_out(out: str, settings: dict, resume: bool) -> None:
+    marker = os.path.join(out, MARKER)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"study folder {out!r} exists and is not a folder")
+    if not (os.path.isdir(out) and os.listdir(out)):
+        return
+    if not os.path.isfile(marker):
+        raise ConfigError(f"study folder {out!r} exists and was not written by fastnoise study; "
+                          "choose another --out")
+    if not resume:
+        raise ConfigError(f"study folder {out!r} already exists; pass --resume to continue it or "
+                          "choose another --out")
+    with open(marker) as f:
+        saved = json.load(f)
+    now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
+    for key in ("version", "seeds", "etas", "draws", "methods", "config"):
+        if saved.get(key) != now.get(key):
+            raise ConfigError(f"cannot resume study {out!r} with other settings: its {key} differ "
+                              f"({MARKER} has {saved.get(key)!r}, now {now.get(key)!r})")
+
+
+def _train(cfg: dict, run_dir: str, progress: bool, device, log) -> None:
+    """Train ``cfg`` in ``run_dir`` unless it is finished; resume it if it was interrupted."""
+    if os.path.isfile(os.path.join(run_dir, "model.pth")):
+        return
+    started = (os.path.isfile(os.path.join(run_dir, "last.pt"))
+               or os.path.isfile(os.path.join(run_dir, "teacher", "config.yaml")))
+    Trainer(cfg, run_dir, resume=started, overwrite=not started, progress=progress, device=device,
+            log=log).fit()
+
+
+def _load_model(cfg: dict, weights: str, num_classes: int, device) -> tuple[torch.nn.Module, bool]:
+    """The trained model as the Trainer built it (its architecture, weights and the run's noise
+    spec), and whether it runs channels_last (as the Trainer decides it)."""
+    arch = cfg["model"]["arch"]
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(arch, num_classes)
+    ckpt.load_weights(model, weights, "weights", arch, CLASSIFIER[arch], num_classes)
+    n = cfg["noise"]
+    convert(model, NoiseSpec(eta=n["eta"], scale=n["scale"], noise_bias=n["noise_bias"]),
+            exclude=n["exclude"] or None)
+    cl = cfg["model"]["channels_last"]
+    cl = (device.type == "cuda" and arch in CONVNETS) if cl == "auto" else bool(cl)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return model.to(device, memory_format=fmt), cl
+
+
+def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[Sequence[float]] = None,
+              draws: int = DEFAULT_DRAWS, out: Optional[str] = None, methods: Sequence[str] = STUDY_METHODS,
+              overrides: Sequence[str] = (), data_root: Optional[str] = None, resume: bool = False,
+              progress: bool = True, device=None, log: Callable[[str], None] = print) -> StudyResult:
+    """Run (or with ``resume=True`` continue) a study; see the module docstring.
+
+    Args:
+        recipe: a shipped recipe name or a YAML file; ``overrides`` (``key=value``) and
+            ``data_root`` (``data.root``) apply on top. Its ``method.name`` is ignored.
+        seeds: training seeds of the students (>= 2 for an interval; 3 or more recommended).
+        etas: evaluation noise levels (default :data:`STUDY_ETA_FACTORS` times ``noise.eta``).
+        draws: simulated chips per seed and nonzero eta.
+        out: the study folder (default ``runs/study-NAME``).
+        methods: the students' methods (``noise`` is the baseline of the differences).
+    Returns a :class:`StudyResult`; its ``tables`` is what was printed and written.
+    """
+    cfg = resolve(recipe, overrides, data_root)
+    seeds = _check_int_list("seeds", seeds)
+    methods = list(methods)
+    for m in methods:
+        if m not in STUDY_METHODS:
+            raise ConfigError(f"unknown study method {m!r}; choose from {list(STUDY_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"methods has repeats: {methods}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ConfigError(f"--draws must be an int >= 1, got {draws!r}")
+    eta = float(cfg["noise"]["eta"])
+    if etas is None:
+        etas = [round(f * eta, 6) for f in STUDY_ETA_FACTORS]
+    etas = [float(e) for e in etas]
+    for e in etas:
+        if not (math.isfinite(e) and e >= 0):
+            raise ConfigError(f"--etas: each must be a finite number >= 0, got {e!r}")
+    if not etas:
+        raise ConfigError("--etas is empty")
+    t = cfg["teacher"]
+    if t["weights"] is None and t["epochs"] == 0:
+        raise ConfigError("the study needs a teacher: set teacher.epochs=N (trained first, once) or "
+                          "teacher.weights=FILE")
+    if "consistency" in methods and not cfg["method"]["layers"]:
+        raise ConfigError("method.layers is empty: the consistency students need the module names "
+                          "whose outputs they compare (e.g. method.layers=[conv1,fc1])")
+    out = out or os.path.join("runs", f"study-{cfg['name']}")
+    settings = _settings(cfg, seeds, etas, draws, methods)
+    _check_out(out, settings, resume)
+    data = build_data(cfg)  # checked before anything is written (the Trainers check it again)
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MARKER), "w") as f:
+        json.dump(settings, f, indent=1)
+    os.makedirs(os.path.join(out, "evals"), exist_ok=True)
+
+    quiet_eval = {"etas": [], "epoch_draws": cfg["eval"]["epoch_draws"], "draws": cfg["eval"]["draws"]}
+    if t["weights"] is None:
+        tcfg = teacher_config(cfg)
+        tcfg["eval"] = dict(quiet_eval)
+        teacher_dir = os.path.join(out, "teacher")
+        teacher_file = os.path.abspath(os.path.join(teacher_dir, "model.pth"))
+    else:
+        tcfg, teacher_dir = None, None
+        teacher_file = os.path.abspath(os.path.expanduser(str(t["weights"])))
+    students = []
+    for s in seeds:
+        for m in methods:
+            scfg = copy.deepcopy(cfg)
+            scfg["name"] = f"{cfg['name']}-{m}-seed{s}"
+            scfg["seed"] = s
+            scfg["method"]["name"] = m
+            scfg["teacher"].update({"weights": teacher_file, "epochs": 0})
+            scfg["eval"] = dict(quiet_eval)
+            students.append((m, s, scfg, os.path.join(out, f"seed{s}", m)))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(tcfg is not None) + len(students) + len(seeds), desc="study", dynamic_ncols=True)
+    say = bar.write if bar is not None and log is print else log
+
+    def step(msg: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+
+    try:
+        if tcfg is not None:
+            say(f"[study] clean teacher: {tcfg['model']['arch']}, {tcfg['schedule']['epochs']} epochs "
+                f"in {teacher_dir}")
+            _train(tcfg, teacher_dir, progress, device, say)
+            step("teacher")
+        for m, s, scfg, run_dir in students:
+            say(f"[study] seed {s}: student '{m}' (eta={eta:g}, {scfg['noise']['scale']}) in {run_dir}")
+            _train(scfg, run_dir, progress, device, say)
+            step(f"seed {s} {m}")
+
+        # every model on the chips of each seed
+        dev = torch.device(device) if device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        loader = eval_loader(data.val, cfg["data"]["eval_batch_size"], cfg["data"]["workers"],
+                             dev.type == "cuda")
+        # the validation set is read once and kept as batches (it has no augmentation): the
+        # evaluation makes 1 + draws x etas passes over it per model and seed
+        loader = [(x, y) for x, y in loader]
+        amp = cfg["amp"]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        if amp == "auto" and dev.type == "cuda":
+            dtype = torch.bfloat16
+        models = ["teacher", *methods]
+        study = StudyResult(out, etas, seeds, models, draws)
+        teacher_cfg = copy.deepcopy(cfg)
+        teacher_cfg["model"]["arch"] = cfg["teacher"]["arch"] or cfg["model"]["arch"]
+        for s in seeds:
+            entries = [("teacher", teacher_cfg, teacher_file)]
+            entries += [(m, scfg, os.path.join(run_dir, "model.pth"))
+                        for m, s2, scfg, run_dir in students if s2 == s]
+            identity = None
+            for name, mcfg, weights in entries:
+                cache = os.path.join(out, "evals", f"{name}-seed{s}.json")
+                model, cl = _load_model(mcfg, weights, data.num_classes, dev)
+                if name != "teacher":  # the students are compared pairwise: same chips or no table
+                    ident = chip_identity(model)
+                    if identity is None:
+                        identity = ident
+                    elif ident != identity:
+                        raise RuntimeError(f"study: {name} (seed {s}) has other noisy layers "
+                                           "than the other students, so it would not meet the same chips")
+                if os.path.isfile(cache):
+                    with open(cache) as f:
+                        saved = json.load(f)
+                    result = RobustnessResult(saved["etas"], saved["accuracies"], name=name,
+                                              scale=saved["scale"], samples=saved["samples"])
+                else:
+                    result = evaluate_on_chips(model, loader, etas, draws, chips=s, device=dev,
+                                               autocast_dtype=dtype, name=f"{name} seed {s}",
+                                               progress=progress, channels_last=cl)
+                    result.name = name
+                    with open(cache + ".tmp", "w") as f:
+                        json.dump({"etas": result.etas, "accuracies": result.accuracies,
+                                   "scale": result.scale, "samples": result.samples}, f)
+                    os.replace(cache + ".tmp", cache)
+                study.results[(name, s)] = result
+            step(f"evaluated seed {s}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+    samples = study.results[("teacher", seeds[0])].samples
+    header = (f"{cfg['name']}: top-1 (%) on {samples} held-out samples of {cfg['data']['dataset']}, "
+              f"{cfg['model']['arch']}; students trained at eta={eta:g} ({cfg['noise']['scale']} scale) "
+              f"from one clean teacher; mean ± std over {len(seeds)} seeds x {draws} chips per seed "
+              f"(seeds {', '.join(map(str, seeds))})")
+    study.tables = format_tables(study, header)
+    _write_outputs(study, cfg, os.path.join(out, "accuracies.csv"))
+    with open(os.path.join(out, "tables.md"), "w") as f:
+        f.write(study.tables + "\n")
+    log(study.tables)
+    return study
+
+
+def _write_outputs(study: StudyResult, cfg: dict, csv_path: str) -> None:
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "seed", "chips", "eta", "draw", "top1"])
+        for (name, s), r in study.results.items():
+            for e, accs in zip(r.etas, r.accuracies, strict=True):
+                for k, a in enumerate(accs):
+                    w.writerow([name, s, s, e, k if e > 0 else "", a])
+    os.replace(csv_path + ".tmp", csv_path)
+    pooled = {m: RobustnessResult(study.etas, [study.values(m, i) for i in range(len(study.etas))], name=m,
+                                  scale=cfg["noise"]["scale"]) for m in study.models}
+    plot_results(pooled, os.path.join(study.out, "robustness.png"),
+                 title=f"{cfg['name']}: trained at eta={cfg['noise']['eta']:g}, "
+                       f"{len(study.seeds)} seeds x {study.draws} chips")
