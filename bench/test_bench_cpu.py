@@ -219,20 +219,20 @@ def test_resnet18_train_step(benchmark, provider):
 DRAWS = 10
 
 
-@pytest.mark.parametrize("provider", PROVIDERS + ["fastnoise_pregenerated"])
+@pytest.mark.parametrize("provider", PROVIDERS + ["fastnoise_per_batch"])
 def test_resnet18_robustness_pass(benchmark, provider):
     """256 images x 10 draws: fastnoise.evaluate_robustness vs 10 passes of the naive / clean model.
 
-    ``fastnoise`` is evaluate_robustness as it is called by default (on the CPU each batch
-    regenerates the chip's noisy weights); ``fastnoise_pregenerated`` passes
-    ``pregenerate=True`` (each chip's weights generated once per pass, the same results)."""
+    ``fastnoise`` is evaluate_robustness as it is called by default (``pregenerate=True``: each
+    chip's noisy weights generated once per pass); ``fastnoise_per_batch`` passes
+    ``pregenerate=False`` (each batch regenerates them; the same results)."""
     model = _as("fastnoise" if provider.startswith("fastnoise") else provider, _resnet18()).eval()
     g = torch.Generator().manual_seed(1)
     loader = [(torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g))
               for _ in range(4)]
 
     if provider.startswith("fastnoise"):
-        pregenerate = True if provider == "fastnoise_pregenerated" else None
+        pregenerate = False if provider == "fastnoise_per_batch" else None
 
         def run():
             return fastnoise.evaluate_robustness(model, loader, etas=[ETA], draws=DRAWS, progress=False,

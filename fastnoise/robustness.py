@@ -220,7 +220,9 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
         distributed: sum the counts over the process group (each rank holds a shard).
         pregenerate: run the passes inside :func:`fastnoise.pregenerate.pregenerated`, which
             draws each chip's noisy weights once per pass instead of once per batch (same
-            results); None: on CUDA only (on the CPU the reference path regenerates per batch).
+            results, one noisy copy of the weights held at a time); None: on, on every device
+            (measured 0.47-0.52x the time of per-batch noise for resnet18 on the CPU,
+            ``bench/test_bench_cpu.py``). ``False``: each batch draws its layers' noise again.
         seed: the chips: draw ``k`` of seed ``seed``, each layer named by its place in ``model``
             (see the module docstring). None: :func:`fastnoise.initial_seed` and the layers' own
             ids.
@@ -254,7 +256,7 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
     results: list = [[] for _ in etas]
     samples = 0
     if pregenerate is None:
-        pregenerate = device.type == "cuda"
+        pregenerate = True
     keep = contextlib.nullcontext()
     if pregenerate:
         from .pregenerate import pregenerated
