@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
+from . import _backends_cpu, dispatch
 from ._backends_base import (  # noqa: F401
     REFERENCE_CONV2D,
     conv_out_hw,
@@ -112,8 +112,6 @@ def choose(path, x, weight, geometry, backward=False):
     if path == "reference":
         return REFERENCE_CONV2D
     if path == "auto" and x.device.type != "cuda":
-        from . import _backends_cpu
-
         return _backends_cpu.CPU_CONV2D if _backends_cpu.usable(x, weight) else REFERENCE_CONV2D
     ok, why = dispatch.triton_usable(x)
     if ok and (x.dtype not in dispatch.KERNEL_DTYPES or weight.dtype not in dispatch.KERNEL_DTYPES):

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from . import dispatch, reference
+from . import _backends_cpu, dispatch, reference
 from ._backends_base import REFERENCE_LINEAR, generated_bias
 
 # ``auto`` on CUDA: the fused kernel while the rows of the product (M = batch * tokens for the
@@ -108,8 +108,6 @@ def choose(path, x, weight, backward=False):
     if path == "reference":
         return REFERENCE_LINEAR
     if path == "auto" and x.device.type != "cuda":
-        from . import _backends_cpu
-
         return _backends_cpu.CPU_LINEAR if _backends_cpu.usable(x, weight) else REFERENCE_LINEAR
     ok, why = dispatch.triton_usable(x)
     if ok and x.dtype not in dispatch.KERNEL_DTYPES:
