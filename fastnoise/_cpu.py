@@ -2,8 +2,9 @@
 
 The library is compiled with ninja by :func:`torch.utils.cpp_extension.load` the first time a
 process needs it and cached under torch's extensions folder (``TORCH_EXTENSIONS_DIR``, by
-default ``~/.cache/torch_extensions``) in a folder named after a hash of the sources, the flags
-and the torch version, so later processes only load it, and changed sources build anew. With
+default ``~/.cache/torch_extensions``) in a folder named after a hash of the sources, the flags,
+the torch version and the source folder, so later processes only load it, changed sources
+build anew, and two source trees (a checkout and a worktree) keep a build each. With
 ``FASTNOISE_NO_EXT=1``, no compiler, no ninja, or a failed build, :func:`available` is False,
 one ``RuntimeWarning`` says why, and the CPU runs the pure-PyTorch reference.
 
@@ -50,6 +51,9 @@ def _build_name() -> str:
         h.update((_CSRC / rel).read_bytes())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(torch.__version__.encode())
+    # the include path is one of torch's build arguments: two source trees (worktrees, a CI
+    # checkout) sharing one cache folder would rebuild it in turn on every load
+    h.update(str(_CSRC).encode())
     return f"fastnoise_cpu_{h.hexdigest()[:12]}"
 
 
