@@ -263,8 +263,8 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
 
         keep = pregenerated(model)
     named = noisy_layers(model) if seed is not None else []
-    for name, layer in named:  # the chips follow the layers' places in this model
-        layer.__dict__["_draw_wids"] = weight_ids(rng.key_id(name), layer.noise_weights)
+    for qualified, layer in named:  # the chips follow the layers' places in this model
+        layer.__dict__["_draw_wids"] = weight_ids(rng.key_id(qualified), layer.noise_weights)
     try:
         with torch.inference_mode(), keep:
             for i, e, k in passes:

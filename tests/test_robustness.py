@@ -121,7 +121,9 @@ def test_pregenerated_passes_give_the_same_table():
     assert default.accuracies == a.accuracies
     assert len(set(a.accuracies[1])) > 1  # the chips differ, so equal tables are not a coincidence
     # the chips of a seed (layers named by their place) too
-    c = fastnoise.evaluate_robustness(model, loader, [0.2], 3, progress=False, pregenerate=False, seed=4)
+    c = fastnoise.evaluate_robustness(model, loader, [0.2], 3, progress=False, pregenerate=False, seed=4,
+                                      name="mine")
+    assert c.name == "mine"  # not a layer's name
     d = fastnoise.evaluate_robustness(model, loader, [0.2], 3, progress=False, pregenerate=True, seed=4)
     assert c.accuracies == d.accuracies and c.accuracies != a.accuracies[1:]
 
