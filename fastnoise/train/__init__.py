@@ -19,7 +19,7 @@ _EXPORTS = {
     "Trainer": "trainer",
     "TrainResult": "trainer",
     "train": "trainer",
-    "ConfigError": "recipes",
+    "ConfigError": "errors",
     "load_recipe": "recipes",
     "list_recipes": "recipes",
     "resolve": "recipes",

@@ -43,8 +43,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..rng import mix64
+from .errors import ConfigError
 from .importpath import import_object, is_import_path
-from .recipes import ConfigError
 
 __all__ = ["DataBundle", "build_data", "EpochBatchSampler", "SeededSamples", "train_loader",
            "eval_loader", "DigitsDataset", "CifarDataset", "FashionMNISTDataset", "CIFAR_FILES",

@@ -59,7 +59,7 @@ def setup(device=None) -> DistInfo:
 def check_device(device, local_rank: int = 0) -> torch.device:
     """``device`` as a ``torch.device`` (``cuda`` gets this process's index); a device that is not
     one, or that this machine lacks, is a :class:`~fastnoise.train.recipes.ConfigError`."""
-    from .recipes import ConfigError
+    from .errors import ConfigError
 
     try:
         dev = torch.device(device)

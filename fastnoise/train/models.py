@@ -194,7 +194,7 @@ def arch_builder(arch: str, what: str = "model.arch") -> Callable[[int], nn.Modu
 
 
 def _call_builder(arch: str, build: Callable, num_classes: int) -> nn.Module:
-    from .recipes import ConfigError
+    from .errors import ConfigError
 
     try:
         model = build(num_classes)

@@ -16,8 +16,10 @@ from importlib import resources
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = ["ConfigError", "DEFAULTS", "METHODS", "list_recipes", "load_recipe", "apply_overrides",
-           "validate", "resolve", "dump_config", "load_config_file"]
+           "validate", "resolve", "load_config_file"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -36,10 +38,6 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
-
-
-class ConfigError(ValueError):
-    """A user error in a configuration, its data or its files (the CLI prints it and exits 2)."""
 
 
 METHODS = ("clean", "noise", "kd", "consistency")
@@ -345,10 +343,3 @@ def resolve(recipe: str, overrides=(), data_root=None) -> dict:
         cfg["data"]["root"] = str(data_root)
     cfg = apply_overrides(cfg, overrides)
     return validate(cfg)
-
-
-def dump_config(cfg: dict, path: str) -> None:
-    """Write ``cfg`` as YAML, atomically (:mod:`fastnoise.train.runfolder`)."""
-    from .runfolder import write_text
-
-    write_text(path, yaml.safe_dump(cfg, sort_keys=False))

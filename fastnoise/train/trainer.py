@@ -58,8 +58,9 @@ from . import checkpoint as ckpt
 from . import distributed
 from . import runfolder as rf
 from .data import EpochBatchSampler, build_data, eval_loader, train_loader
+from .errors import ConfigError
 from .models import CLASSIFIER, CONVNETS, build_model
-from .recipes import ConfigError, dump_config, load_config_file, validate
+from .recipes import load_config_file, validate
 from .tasks import ClassificationTask, ConsistencyTask, DistillationTask, FeatureCapture, FrozenTeacher
 
 __all__ = ["Trainer", "TrainResult", "train", "RUN_FILES", "teacher_config", "lr_factor", "check_model_fits",
@@ -262,12 +263,12 @@ class Trainer:
                              f"{', '.join(removed)}")
                 path = self._path("config.yaml")
                 if not self.resume:
-                    dump_config(self.cfg, path)
+                    rf.dump_config(self.cfg, path)
                 elif not os.path.isfile(path):
                     self.log(f"{path} was missing: written again from last.pt's settings")
-                    dump_config(self.cfg, path)
+                    rf.dump_config(self.cfg, path)
                 elif rf.flatten(load_config_file(path)) != rf.flatten(self.cfg):
-                    dump_config(self.cfg, path)  # a resumable setting changed: record what runs now
+                    rf.dump_config(self.cfg, path)  # a resumable setting changed: record what runs now
             except ConfigError as e:
                 err = e
         self._raise_from_main(err)
