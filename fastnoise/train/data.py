@@ -454,6 +454,9 @@ def build_data(cfg) -> DataBundle:
     NumPy's or Python's RNG does not. A dataset with ``uses_rng = False`` is not seeded.
     """
     name = cfg["data"]["dataset"]
+    if name is None:
+        raise ConfigError("data.dataset is null: the run's data were given in Python (fastnoise.train.fit), "
+                          "so they cannot be built from the settings; continue it with fit(..., resume=True)")
     if is_import_path(name):
         bundle = _import_data(cfg)
     elif name in _BUILDERS:

@@ -216,15 +216,18 @@ def _choice(cfg, key, options):
         raise ConfigError(f"{key} must be one of {list(options)}, got {node!r}")
 
 
-def _name_or_import(cfg, key, options, probe: bool = False):
+def _name_or_import(cfg, key, options, probe: bool = False, given_ok: bool = False):
     """A built-in name, or an import path ``package.module:function`` (imported now, so a typo
     fails before any run folder is written; a model builder is also called once on the meta
-    device to check that it returns an ``nn.Module``)."""
+    device to check that it returns an ``nn.Module``). ``given_ok``: null is allowed too, for a
+    run whose model or data were given in Python (:func:`fastnoise.train.fit`)."""
     from .importpath import import_object, is_import_path
 
     node = cfg
     for p in key.split("."):
         node = node[p]
+    if node is None and given_ok:
+        return
     if not is_import_path(node):
         if node not in options:
             raise ConfigError(f"{key} must be one of {list(options)} or an import path "
@@ -245,14 +248,14 @@ def validate(cfg: dict) -> dict:
     from .models import ARCHS
 
     _num(cfg, "seed", 0, integer=True)
-    _name_or_import(cfg, "data.dataset", sorted(_BUILDERS))
+    _name_or_import(cfg, "data.dataset", sorted(_BUILDERS), given_ok=True)
     _num(cfg, "data.num_classes", 2, integer=True, allow_none=True)
     _num(cfg, "data.image_size", 8, integer=True, allow_none=True)
     _num(cfg, "data.val_resize", 8, integer=True, allow_none=True)
     _num(cfg, "data.batch_size", 1, integer=True)
     _num(cfg, "data.eval_batch_size", 1, integer=True)
     _num(cfg, "data.workers", 0, integer=True)
-    _name_or_import(cfg, "model.arch", sorted(ARCHS), probe=True)
+    _name_or_import(cfg, "model.arch", sorted(ARCHS), probe=True, given_ok=True)
     if cfg["teacher"]["arch"] is not None:
         _name_or_import(cfg, "teacher.arch", sorted(ARCHS), probe=True)
     _choice(cfg, "model.channels_last", ["auto", True, False])
