@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 import torch
-from _fit_worker import SETTINGS, make_data, make_model, make_teacher, run
+from _fit_worker import SETTINGS, UserNet, make_data, make_model, make_teacher, run
 from torch.utils.data import DataLoader
 
 import fastnoise
@@ -225,3 +225,59 @@ def test_two_gloo_processes_train_what_one_does(tmp_path):
         torch.testing.assert_close(b, v, rtol=1e-4, atol=1e-5, msg=k)
     assert r0["metrics"][0]["train_loss"] == pytest.approx(one.history[0]["train_loss"], rel=1e-4)
     assert r0["metrics"][0]["val_top1"] == pytest.approx(one.history[0]["val_top1"], abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- the study on fit
+def _study(out, model, **kw):
+    from fastnoise.train import fit_study
+
+    train, val = make_data()
+    settings = {k: v for k, v in SETTINGS.items() if k not in ("epochs", "eval")}
+    settings.update(kw)
+    return fit_study(model, train, val, out=out, seeds=(0, 1), draws=2, epochs=1,
+                     method={"layers": ["body"]}, messages=lambda m: None,
+                     eval={"epoch_draws": 0}, **settings)
+
+
+def test_fit_study_on_a_model_builder(tmp_path):
+    out = str(tmp_path / "study")
+    st = _study(out, UserNet, teacher_epochs=1)
+    assert st.models == ["teacher", "clean", "noise", "kd", "consistency"]
+    assert st.etas == [0.0, 0.05, 0.1, 0.15]
+    for m in st.models[1:]:
+        for s in (0, 1):
+            run = os.path.join(out, f"seed{s}", m)
+            last = _rows(os.path.join(run, "metrics.csv"))[-1]
+            # the study's clean pass is the run's own last validation: the trained weights were read back
+            assert st.results[(m, s)].accuracies[0] == [pytest.approx(float(last["val_top1"]), abs=1e-9)]
+            assert len(st.results[(m, s)].accuracies[2]) == 2
+    # seeds differ (initial weights, order, noise): not one model twice
+    assert st.results[("noise", 0)].accuracies != st.results[("noise", 1)].accuracies
+    assert "noise-only" in st.tables and os.path.isfile(os.path.join(out, "tables.md"))
+    rows = _rows(os.path.join(out, "accuracies.csv"))
+    assert len(rows) == 5 * 2 * (1 + 3 * 2)
+    # resume: nothing is trained again, the same tables
+    stamp = os.path.getmtime(os.path.join(out, "seed1", "kd", "model.pth"))
+    again = _study(out, UserNet, teacher_epochs=1, resume=True)
+    assert again.tables == st.tables
+    assert os.path.getmtime(os.path.join(out, "seed1", "kd", "model.pth")) == stamp
+    with pytest.raises(ConfigError, match="already exists"):
+        _study(out, UserNet, teacher_epochs=1)
+    with pytest.raises(ConfigError, match="its config differ"):
+        _study(out, UserNet, teacher_epochs=1, resume=True, optim={"lr": 0.01})
+
+
+def test_fit_study_on_a_model_to_copy_and_a_given_teacher(tmp_path):
+    teacher = make_teacher()
+    flags = {n: p.requires_grad for n, p in teacher.named_parameters()}
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    st = _study(str(tmp_path / "s"), model, teacher=teacher, methods=("noise", "kd"))
+    assert st.models == ["teacher", "noise", "kd"]
+    assert {n: p.requires_grad for n, p in teacher.named_parameters()} == flags and not noisy_layers(teacher)
+    assert not noisy_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        _study(str(tmp_path / "t"), model)
+    with pytest.raises(ConfigError, match="seed is set by the study"):
+        _study(str(tmp_path / "t"), model, teacher=teacher, seed=3)
+    assert not os.path.exists(tmp_path / "t")

@@ -26,6 +26,7 @@ _EXPORTS = {
     "resolve": "recipes",
     "run_demo": "demo",
     "run_study": "study",
+    "fit_study": "study",
     "StudyResult": "study",
     "evaluate_on_chips": "study",
     "paired_difference": "study",
