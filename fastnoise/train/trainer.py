@@ -1,4 +1,9 @@
-"""The training loop: one :class:`Trainer` per run folder.
+"""The training loop, the package's only one: one :class:`Trainer` per run folder.
+
+A recipe's run (``fastnoise train``, the demo, the study) builds its model, data and teacher
+from the settings; :func:`fastnoise.train.fit` passes the user's instead (:class:`Given`: any
+``nn.Module``, a map-style dataset or a ``DataLoader``, a teacher), with ``model.arch`` and
+``data.dataset`` null in the settings. Everything after that is the same code.
 
 ``Trainer(config, out_dir).fit()`` checks everything it will need (every setting, data folder,
 class counts, batch size against the data, the model against the data's shape, teacher file, run
