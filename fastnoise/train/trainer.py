@@ -336,6 +336,16 @@ class Trainer:
         if msg is not None:
             raise ConfigError(msg)
 
+    def _raise_from_any(self, err: Optional[Exception]) -> None:
+        """Every rank raises if one found an error (one process: ``err`` itself); also the point
+        where the ranks meet before rank 0 writes."""
+        msgs = distributed.all_objects(None if err is None else str(err), self.dist)
+        if err is not None:
+            raise err
+        first = next((m for m in msgs if m is not None), None)
+        if first is not None:
+            raise ConfigError(first)
+
     def _open_run_folder(self) -> None:
         """Take the folder's lock; only then clear (``--overwrite``), tidy and write config.yaml."""
         err = None
@@ -527,52 +537,61 @@ class Trainer:
         """Check everything, then create the run folder and build the model, task and optimizer."""
         cfg = self.cfg
         self.dist = distributed.setup(self.device_arg)
-        self._check_run_folder()
-        d = cfg["data"]
-        if self.given is None:
-            data = build_data(cfg)
-            want = cfg["data"]["num_classes"]
-            if want is not None and want != data.num_classes:
-                raise ConfigError(f"data.num_classes={want} but the data has {data.num_classes} classes")
-            self._check_teacher_settings()
-            self.num_classes = data.num_classes
-            self._check_layers(data)
-            train_set, val_set = data.train, data.val
-            self._model_name, self._data_name = cfg["model"]["arch"], cfg["data"]["dataset"]
-            self._convnet = cfg["model"]["arch"] in CONVNETS
-        else:
-            self.num_classes, self._model_name, self._convnet = self._check_given()
-            train_set, val_set = self.given.train, self.given.val
-            self._data_name = "the given data"
-        self._loader_given = isinstance(train_set, torch.utils.data.DataLoader)
-        if self._loader_given:
-            self.sampler = _LoaderEpochs(train_set, self.dist.world_size)
-            spe = self.sampler.steps_per_epoch
-            if cfg["checkpoint"]["every_steps"]:
-                raise ConfigError("checkpoint.every_steps must be 0 when train_data is a DataLoader: a run "
-                                  "with one saves (and resumes) at epoch ends only")
-            if self.stop_at_step is not None and self.stop_at_step % spe:
-                raise ConfigError(f"stop_at_step={self.stop_at_step} is not at an epoch end ({spe} steps per "
-                                  "epoch): a run with a DataLoader stops and resumes at epoch ends only")
-        else:
-            self.sampler = EpochBatchSampler(len(train_set), d["batch_size"], cfg["seed"], self.dist.rank,
-                                             self.dist.world_size)
-        self._data_sizes = [_size(train_set), _size(val_set)]
-        ck = self._saved.checkpoint if self._saved is not None else None
-        if ck is not None and ck.get("data_sizes") is not None:
-            self._check_same_data(ck["data_sizes"], self._path("last.pt"))
-        teacher = self.given.teacher if self.given is not None else None
-        tw = cfg["teacher"]["weights"]
-        if self._needs_teacher() and tw is not None:
-            teacher = self._load_teacher(os.path.expanduser(str(tw)), self.num_classes)
-        init = cfg["model"]["init"]
-        if init not in (None, "teacher"):  # read and check it now, before anything is written
-            arch = cfg["model"]["arch"]
-            with torch.device("meta"):
-                probe = build_model(arch, self.num_classes)
-            ckpt.load_weights(probe, os.path.expanduser(init), "model.init", arch, CLASSIFIER[arch],
-                              self.num_classes, assign=True)
-            del probe
+        # every rank checks (reading only); none writes before all have finished, so a
+        # rank's checks never see rank 0's first writes (its lock, a new config.yaml)
+        err = None
+        try:
+            self._check_run_folder()
+            d = cfg["data"]
+            if self.given is None:
+                data = build_data(cfg)
+                want = cfg["data"]["num_classes"]
+                if want is not None and want != data.num_classes:
+                    raise ConfigError(f"data.num_classes={want} but the data has {data.num_classes} classes")
+                self._check_teacher_settings()
+                self.num_classes = data.num_classes
+                self._check_layers(data)
+                train_set, val_set = data.train, data.val
+                self._model_name, self._data_name = cfg["model"]["arch"], cfg["data"]["dataset"]
+                self._convnet = cfg["model"]["arch"] in CONVNETS
+            else:
+                self.num_classes, self._model_name, self._convnet = self._check_given()
+                train_set, val_set = self.given.train, self.given.val
+                self._data_name = "the given data"
+            self._loader_given = isinstance(train_set, torch.utils.data.DataLoader)
+            if self._loader_given:
+                self.sampler = _LoaderEpochs(train_set, self.dist.world_size)
+                spe = self.sampler.steps_per_epoch
+                if cfg["checkpoint"]["every_steps"]:
+                    raise ConfigError("checkpoint.every_steps must be 0 when train_data is a DataLoader: "
+                                      "a run with one saves (and resumes) at epoch ends only")
+                if self.stop_at_step is not None and self.stop_at_step % spe:
+                    raise ConfigError(f"stop_at_step={self.stop_at_step} is not at an epoch end ({spe} "
+                                      "steps per epoch): a run with a DataLoader stops and resumes at "
+                                      "epoch ends only")
+            else:
+                self.sampler = EpochBatchSampler(len(train_set), d["batch_size"], cfg["seed"], self.dist.rank,
+                                                 self.dist.world_size)
+            self._data_sizes = [_size(train_set), _size(val_set)]
+            ck = self._saved.checkpoint if self._saved is not None else None
+            if ck is not None and ck.get("data_sizes") is not None:
+                self._check_same_data(ck["data_sizes"], self._path("last.pt"))
+            teacher = self.given.teacher if self.given is not None else None
+            tw = cfg["teacher"]["weights"]
+            if self._needs_teacher() and tw is not None:
+                teacher = self._load_teacher(os.path.expanduser(str(tw)), self.num_classes)
+            init = cfg["model"]["init"]
+            if init not in (None, "teacher"):  # read and check it now, before anything is written
+                arch = cfg["model"]["arch"]
+                with torch.device("meta"):
+                    probe = build_model(arch, self.num_classes)
+                ckpt.load_weights(probe, os.path.expanduser(init), "model.init", arch, CLASSIFIER[arch],
+                                  self.num_classes, assign=True)
+                del probe
+        except ConfigError as e:
+            err = e
+        self._raise_from_any(err)
+
 
         # everything is checked: from here on files are written, under the folder's lock
         self._open_run_folder()
