@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fastnoise.train import runfolder as rf
-from fastnoise.train.recipes import DEFAULTS, ConfigError, dump_config
+from fastnoise.train.recipes import DEFAULTS, ConfigError
+from fastnoise.train.runfolder import dump_config
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):

@@ -1,4 +1,4 @@
-"""The training layer: losses, tasks, models, data, recipes, trainer, checkpoints, DDP.
+"""The training layer: fit, losses, tasks, models, data, recipes, trainer, checkpoints, DDP.
 
 Imported lazily (``fastnoise.train.kd_loss`` loads :mod:`fastnoise.train.losses` on first use),
 so ``import fastnoise`` stays light.
@@ -16,15 +16,17 @@ _EXPORTS = {
     "ConsistencyTask": "tasks",
     "FrozenTeacher": "tasks",
     "build_model": "models",
+    "fit": "fitting",
     "Trainer": "trainer",
     "TrainResult": "trainer",
     "train": "trainer",
-    "ConfigError": "recipes",
+    "ConfigError": "errors",
     "load_recipe": "recipes",
     "list_recipes": "recipes",
     "resolve": "recipes",
     "run_demo": "demo",
     "run_study": "study",
+    "fit_study": "study",
     "StudyResult": "study",
     "evaluate_on_chips": "study",
     "paired_difference": "study",

@@ -8,12 +8,11 @@ torch's keys), loadable by torchvision / ``--weights`` / ``teacher.weights``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-from .recipes import ConfigError
+from .errors import ConfigError
+from .runfolder import first_nonfinite, load_file, save_torch
 
 __all__ = ["save_atomic", "load_file", "model_state_from", "check_state_dict", "load_weights"]
 
@@ -22,31 +21,7 @@ def save_atomic(obj, path: str) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, rename, fsync the folder
     (:func:`fastnoise.train.runfolder.save_torch`): a crash never leaves half a file, and a full
     disk is reported as one."""
-    from .runfolder import save_torch
-
     save_torch(obj, path)
-
-
-def load_file(path: str, what: str = "checkpoint", mmap: bool = False):
-    """``torch.load(path, weights_only=True)`` onto the CPU; a missing, unreadable or damaged
-    file is a :class:`ConfigError` naming it. ``mmap=True`` maps the tensors instead of reading
-    them (cheap when only a few small fields are wanted)."""
-    if not os.path.exists(path):
-        raise ConfigError(f"{what} file {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what} file {path!r} is not a file")
-    if mmap:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # not mappable: read it, which also gives the clearer error
-            pass
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several kinds for a file that is not a checkpoint
-        from .runfolder import first_line
-
-        raise ConfigError(f"{what} file {path!r} could not be read as a torch file: it is damaged, "
-                          f"truncated or not a checkpoint ({first_line(e)})") from e
 
 
 def model_state_from(obj, path: str, what: str) -> dict:
@@ -98,8 +73,6 @@ def load_weights(model: nn.Module, path: str, what: str, arch: str, classifier: 
     """
     state = model_state_from(load_file(path, what), path, what)
     check_state_dict(model, state, path, what, arch, classifier, data_classes)
-    from .runfolder import first_nonfinite
-
     bad = first_nonfinite(state)
     if bad is not None:
         raise ConfigError(f"{what} file {path!r} holds non-finite values (NaN or inf) in {bad}: it was "

@@ -43,8 +43,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..rng import mix64
+from .errors import ConfigError
 from .importpath import import_object, is_import_path
-from .recipes import ConfigError
 
 __all__ = ["DataBundle", "build_data", "EpochBatchSampler", "SeededSamples", "train_loader",
            "eval_loader", "DigitsDataset", "CifarDataset", "FashionMNISTDataset", "CIFAR_FILES",
@@ -454,6 +454,9 @@ def build_data(cfg) -> DataBundle:
     NumPy's or Python's RNG does not. A dataset with ``uses_rng = False`` is not seeded.
     """
     name = cfg["data"]["dataset"]
+    if name is None:
+        raise ConfigError("data.dataset is null: the run's data were given in Python (fastnoise.train.fit), "
+                          "so they cannot be built from the settings; continue it with fit(..., resume=True)")
     if is_import_path(name):
         bundle = _import_data(cfg)
     elif name in _BUILDERS:

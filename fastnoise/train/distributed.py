@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "check_device", "all_reduce_sum", "barrier", "broadcast_object"]
+__all__ = ["DistInfo", "setup", "check_device", "all_reduce_sum", "barrier", "broadcast_object",
+           "all_objects"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def setup(device=None) -> DistInfo:
 def check_device(device, local_rank: int = 0) -> torch.device:
     """``device`` as a ``torch.device`` (``cuda`` gets this process's index); a device that is not
     one, or that this machine lacks, is a :class:`~fastnoise.train.recipes.ConfigError`."""
-    from .recipes import ConfigError
+    from .errors import ConfigError
 
     try:
         dev = torch.device(device)
@@ -99,3 +100,12 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in one process)."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

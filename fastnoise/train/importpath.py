@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import re
 
-from .recipes import ConfigError
+from .errors import ConfigError
 
 __all__ = ["is_import_path", "import_object"]
 

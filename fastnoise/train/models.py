@@ -187,6 +187,11 @@ def arch_builder(arch: str, what: str = "model.arch") -> Callable[[int], nn.Modu
     """The builder of a built-in name or an import path (imported; errors name ``what``)."""
     if is_import_path(arch):
         return import_object(arch, what)
+    if arch is None:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{what} is null: the run's model was given in Python (fastnoise.train.fit), "
+                          "so it cannot be built from the settings; continue it with fit(..., resume=True)")
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHS)} (or an import path "
                          "package.module:function)")
@@ -194,7 +199,7 @@ def arch_builder(arch: str, what: str = "model.arch") -> Callable[[int], nn.Modu
 
 
 def _call_builder(arch: str, build: Callable, num_classes: int) -> nn.Module:
-    from .recipes import ConfigError
+    from .errors import ConfigError
 
     try:
         model = build(num_classes)

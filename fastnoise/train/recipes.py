@@ -16,8 +16,10 @@ from importlib import resources
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = ["ConfigError", "DEFAULTS", "METHODS", "list_recipes", "load_recipe", "apply_overrides",
-           "validate", "resolve", "dump_config", "load_config_file"]
+           "validate", "resolve", "load_config_file"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -36,10 +38,6 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
-
-
-class ConfigError(ValueError):
-    """A user error in a configuration, its data or its files (the CLI prints it and exits 2)."""
 
 
 METHODS = ("clean", "noise", "kd", "consistency")
@@ -218,15 +216,18 @@ def _choice(cfg, key, options):
         raise ConfigError(f"{key} must be one of {list(options)}, got {node!r}")
 
 
-def _name_or_import(cfg, key, options, probe: bool = False):
+def _name_or_import(cfg, key, options, probe: bool = False, given_ok: bool = False):
     """A built-in name, or an import path ``package.module:function`` (imported now, so a typo
     fails before any run folder is written; a model builder is also called once on the meta
-    device to check that it returns an ``nn.Module``)."""
+    device to check that it returns an ``nn.Module``). ``given_ok``: null is allowed too, for a
+    run whose model or data were given in Python (:func:`fastnoise.train.fit`)."""
     from .importpath import import_object, is_import_path
 
     node = cfg
     for p in key.split("."):
         node = node[p]
+    if node is None and given_ok:
+        return
     if not is_import_path(node):
         if node not in options:
             raise ConfigError(f"{key} must be one of {list(options)} or an import path "
@@ -247,14 +248,14 @@ def validate(cfg: dict) -> dict:
     from .models import ARCHS
 
     _num(cfg, "seed", 0, integer=True)
-    _name_or_import(cfg, "data.dataset", sorted(_BUILDERS))
+    _name_or_import(cfg, "data.dataset", sorted(_BUILDERS), given_ok=True)
     _num(cfg, "data.num_classes", 2, integer=True, allow_none=True)
     _num(cfg, "data.image_size", 8, integer=True, allow_none=True)
     _num(cfg, "data.val_resize", 8, integer=True, allow_none=True)
     _num(cfg, "data.batch_size", 1, integer=True)
     _num(cfg, "data.eval_batch_size", 1, integer=True)
     _num(cfg, "data.workers", 0, integer=True)
-    _name_or_import(cfg, "model.arch", sorted(ARCHS), probe=True)
+    _name_or_import(cfg, "model.arch", sorted(ARCHS), probe=True, given_ok=True)
     if cfg["teacher"]["arch"] is not None:
         _name_or_import(cfg, "teacher.arch", sorted(ARCHS), probe=True)
     _choice(cfg, "model.channels_last", ["auto", True, False])
@@ -345,10 +346,3 @@ def resolve(recipe: str, overrides=(), data_root=None) -> dict:
         cfg["data"]["root"] = str(data_root)
     cfg = apply_overrides(cfg, overrides)
     return validate(cfg)
-
-
-def dump_config(cfg: dict, path: str) -> None:
-    """Write ``cfg`` as YAML, atomically (:mod:`fastnoise.train.runfolder`)."""
-    from .runfolder import write_text
-
-    write_text(path, yaml.safe_dump(cfg, sort_keys=False))

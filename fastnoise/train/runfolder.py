@@ -54,13 +54,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import yaml
 
-from .recipes import DEFAULTS, ConfigError, _merge, load_config_file, validate
+from .errors import ConfigError, first_line
+from .recipes import DEFAULTS, _merge, load_config_file, validate
 
 __all__ = ["LOCK_NAME", "RunFolderError", "DiskFullError", "FolderBusyError", "DivergedError", "fault",
            "atomic_path", "write_text", "write_bytes", "save_torch", "append_row", "sync_file",
            "remove_stray_temps", "user_entries", "repair_csv", "RunLock", "check_not_busy", "flatten",
-           "settings_diff", "load_complete_config", "SavedRun", "read_run", "first_nonfinite", "first_line"]
+           "settings_diff", "load_complete_config", "SavedRun", "read_run", "first_nonfinite", "first_line",
+           "dump_config", "load_file"]
 
 LOCK_NAME = ".fastnoise.lock"
 _TEMP_RE = re.compile(r"^\..+\.tmp-\d+$|^.+\.tmp\d+$")  # ours, and older versions' NAME.tmpPID
@@ -80,12 +83,6 @@ class FolderBusyError(ConfigError):
 
 class DivergedError(ConfigError):
     """The loss or the weights became non-finite; no checkpoint was written from them."""
-
-
-def first_line(e: BaseException, limit: int = 200) -> str:
-    """``TypeName: first line of the message`` (torch's messages can run over many lines)."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- fault injection
@@ -204,6 +201,11 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def dump_config(cfg: dict, path: str) -> None:
+    """Write ``cfg`` as YAML, atomically."""
+    write_text(path, yaml.safe_dump(cfg, sort_keys=False))
 
 
 class _RecordingFile:
@@ -519,8 +521,6 @@ def read_run(folder: str, version: int, resumable: Iterable[str] = ()) -> SavedR
     not a checkpoint of this ``version``, or the two disagreeing on a setting outside
     ``resumable`` (the settings a resume may change).
     """
-    from .checkpoint import load_file
-
     cfg_path, last_path = os.path.join(folder, "config.yaml"), os.path.join(folder, "last.pt")
     info = None
     last_cfg = None
@@ -554,6 +554,27 @@ def read_run(folder: str, version: int, resumable: Iterable[str] = ()) -> SavedR
                               f"{b!r} in last.pt (the settings its weights were trained with); restore "
                               "config.yaml, or delete it to have it written again from last.pt")
     return SavedRun(last_cfg if last_cfg is not None else file_cfg, has_file, info)
+
+
+# ----------------------------------------------------------------------------- reading torch files
+def load_file(path: str, what: str = "checkpoint", mmap: bool = False):
+    """``torch.load(path, weights_only=True)`` onto the CPU; a missing, unreadable or damaged
+    file is a :class:`ConfigError` naming it. ``mmap=True`` maps the tensors instead of reading
+    them (cheap when only a few small fields are wanted)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} file {path!r} is not a file")
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not mappable: read it, which also gives the clearer error
+            pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several kinds for a file that is not a checkpoint
+        raise ConfigError(f"{what} file {path!r} could not be read as a torch file: it is damaged, "
+                          f"truncated or not a checkpoint ({first_line(e)})") from e
 
 
 # ----------------------------------------------------------------------------- finite weights

@@ -57,11 +57,11 @@ from ..spec import NoiseSpec
 from . import checkpoint as ckpt
 from .data import build_data, eval_loader
 from .models import CLASSIFIER, CONVNETS, build_model
-from .recipes import ConfigError, resolve
+from .recipes import ConfigError, resolve, validate
 from .trainer import Trainer, teacher_config
 
-__all__ = ["STUDY_METHODS", "STUDY_ETA_FACTORS", "StudyResult", "run_study", "evaluate_on_chips",
-           "chip_identity", "paired_difference", "t_quantile"]
+__all__ = ["STUDY_METHODS", "STUDY_ETA_FACTORS", "StudyResult", "run_study", "fit_study",
+           "evaluate_on_chips", "chip_identity", "paired_difference", "t_quantile"]
 
 STUDY_METHODS = ("clean", "noise", "kd", "consistency")
 BASELINE = "noise"
@@ -285,6 +285,57 @@ def _load_model(cfg: dict, weights: str, num_classes: int, device) -> tuple[torc
     return model.to(device, memory_format=fmt), cl
 
 
+def _device(device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _amp_dtype(cfg: dict, dev: torch.device) -> Optional[torch.dtype]:
+    amp = cfg["amp"]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if amp == "auto" and dev.type == "cuda":
+        dtype = torch.bfloat16
+    return dtype
+
+
+def _measure(study: StudyResult, load: Callable, loader, dtype, dev, progress: bool, step: Callable) -> None:
+    """Every model of ``study`` on the chips of each seed (``load(name, seed)`` gives the model
+    and whether it runs channels_last); results already in ``OUT/evals`` are read back."""
+    # the validation set is read once and kept as batches (it has no augmentation): the
+    # evaluation makes 1 + draws x etas passes over it per model and seed
+    loader = [(x, y) for x, y in loader]
+    out, etas, draws = study.out, study.etas, study.draws
+    for s in study.seeds:
+        identity = None
+        for name in study.models:
+            cache = os.path.join(out, "evals", f"{name}-seed{s}.json")
+            model, cl = load(name, s)
+            if name != "teacher":  # the students are compared pairwise: same chips or no table
+                ident = chip_identity(model)
+                if identity is None:
+                    identity = ident
+                elif ident != identity:
+                    raise RuntimeError(f"study: {name} (seed {s}) has other noisy layers "
+                                       "than the other students, so it would not meet the same chips")
+            if os.path.isfile(cache):
+                with open(cache) as f:
+                    saved = json.load(f)
+                result = RobustnessResult(saved["etas"], saved["accuracies"], name=name,
+                                          scale=saved["scale"], samples=saved["samples"])
+            else:
+                result = evaluate_on_chips(model, loader, etas, draws, chips=s, device=dev,
+                                           autocast_dtype=dtype, name=f"{name} seed {s}",
+                                           progress=progress, channels_last=cl)
+                result.name = name
+                with open(cache + ".tmp", "w") as f:
+                    json.dump({"etas": result.etas, "accuracies": result.accuracies,
+                               "scale": result.scale, "samples": result.samples}, f)
+                os.replace(cache + ".tmp", cache)
+            study.results[(name, s)] = result
+        step(f"evaluated seed {s}")
+
+
 def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[Sequence[float]] = None,
               draws: int = DEFAULT_DRAWS, out: Optional[str] = None, methods: Sequence[str] = STUDY_METHODS,
               overrides: Sequence[str] = (), data_root: Optional[str] = None, resume: bool = False,
@@ -381,52 +432,20 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
             step(f"seed {s} {m}")
 
         # every model on the chips of each seed
-        dev = torch.device(device) if device is not None else (
-            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        dev = _device(device)
         loader = eval_loader(data.val, cfg["data"]["eval_batch_size"], cfg["data"]["workers"],
                              dev.type == "cuda")
-        # the validation set is read once and kept as batches (it has no augmentation): the
-        # evaluation makes 1 + draws x etas passes over it per model and seed
-        loader = [(x, y) for x, y in loader]
-        amp = cfg["amp"]
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        if amp == "auto" and dev.type == "cuda":
-            dtype = torch.bfloat16
-        models = ["teacher", *methods]
-        study = StudyResult(out, etas, seeds, models, draws)
         teacher_cfg = copy.deepcopy(cfg)
         teacher_cfg["model"]["arch"] = cfg["teacher"]["arch"] or cfg["model"]["arch"]
-        for s in seeds:
-            entries = [("teacher", teacher_cfg, teacher_file)]
-            entries += [(m, scfg, os.path.join(run_dir, "model.pth"))
-                        for m, s2, scfg, run_dir in students if s2 == s]
-            identity = None
-            for name, mcfg, weights in entries:
-                cache = os.path.join(out, "evals", f"{name}-seed{s}.json")
-                model, cl = _load_model(mcfg, weights, data.num_classes, dev)
-                if name != "teacher":  # the students are compared pairwise: same chips or no table
-                    ident = chip_identity(model)
-                    if identity is None:
-                        identity = ident
-                    elif ident != identity:
-                        raise RuntimeError(f"study: {name} (seed {s}) has other noisy layers "
-                                           "than the other students, so it would not meet the same chips")
-                if os.path.isfile(cache):
-                    with open(cache) as f:
-                        saved = json.load(f)
-                    result = RobustnessResult(saved["etas"], saved["accuracies"], name=name,
-                                              scale=saved["scale"], samples=saved["samples"])
-                else:
-                    result = evaluate_on_chips(model, loader, etas, draws, chips=s, device=dev,
-                                               autocast_dtype=dtype, name=f"{name} seed {s}",
-                                               progress=progress, channels_last=cl)
-                    result.name = name
-                    with open(cache + ".tmp", "w") as f:
-                        json.dump({"etas": result.etas, "accuracies": result.accuracies,
-                                   "scale": result.scale, "samples": result.samples}, f)
-                    os.replace(cache + ".tmp", cache)
-                study.results[(name, s)] = result
-            step(f"evaluated seed {s}")
+        runs = {("teacher", s): (teacher_cfg, teacher_file) for s in seeds}
+        runs.update({(m, s): (scfg, os.path.join(run_dir, "model.pth")) for m, s, scfg, run_dir in students})
+
+        def load(name: str, s: int):
+            mcfg, weights = runs[(name, s)]
+            return _load_model(mcfg, weights, data.num_classes, dev)
+
+        study = StudyResult(out, etas, seeds, ["teacher", *methods], draws)
+        _measure(study, load, loader, _amp_dtype(cfg, dev), dev, progress, step)
     finally:
         if bar is not None:
             bar.close()
@@ -458,3 +477,165 @@ def _write_outputs(study: StudyResult, cfg: dict, csv_path: str) -> None:
     plot_results(pooled, os.path.join(study.out, "robustness.png"),
                  title=f"{cfg['name']}: trained at eta={cfg['noise']['eta']:g}, "
                        f"{len(study.seeds)} seeds x {study.draws} chips")
+
+
+# ----------------------------------------------------------------------------- the user's models
+def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module] = None,
+              teacher_epochs: int = 0, seeds: Sequence[int] = (0, 1, 2),
+              etas: Optional[Sequence[float]] = None, draws: int = DEFAULT_DRAWS,
+              out: str = "runs/study-fit", methods: Sequence[str] = STUDY_METHODS,
+              method: Optional[dict] = None, spec: Optional[NoiseSpec] = None, epochs: int = 10,
+              batch_size: Optional[int] = None, resume: bool = False, device=None,
+              messages: Callable[[str], None] = print, **settings) -> StudyResult:
+    """The study of :func:`run_study` on the user's own model and data, every run through
+    :func:`fastnoise.train.fit`.
+
+    Args:
+        model: a builder (a callable with no arguments that returns a fresh ``nn.Module``,
+            called under ``torch.manual_seed(seed)`` for each student, so the seeds also vary
+            the initial weights), or an ``nn.Module`` that every student starts from (a deep
+            copy each; the seeds then vary only the data order and the training noise). It must
+            not hold noisy layers (they are made with ``spec``).
+        train_data, val_data: map-style datasets (or ``DataLoader``\\ s), as :func:`fit` takes them.
+        teacher: the trained clean teacher of the ``kd`` students (not modified), or None: a
+            clean teacher is trained first, ``teacher_epochs`` epochs (from the builder under
+            seed 0, or a copy of ``model``), in ``OUT/teacher``.
+        seeds, etas, draws, methods: as :func:`run_study` (default etas: 0, 0.5, 1 and 1.5
+            times the training eta).
+        method: the method settings every student shares (the recipe's ``method`` section
+            without ``name``: ``{"layers": ["layer1"], "temperature": 6.0}``); consistency
+            needs ``layers``.
+        spec, epochs, batch_size, device, messages, **settings: as :func:`fit` (``settings``
+            without ``seed``: the study sets it).
+        out: the study folder; ``resume=True`` continues one (the same model, data and
+            settings must be given again: only the settings are checked).
+    Returns a :class:`StudyResult` (its ``tables`` were printed through ``messages``).
+    """
+    from .fitting import fit, fit_config
+
+    if not (callable(model) or isinstance(model, torch.nn.Module)):
+        raise ConfigError(f"model must be an nn.Module or a callable that builds one, got "
+                          f"{type(model).__name__}")
+    if "seed" in settings:
+        raise ConfigError("seed is set by the study for each student (seeds=...)")
+    method = dict(method or {})
+    if "name" in method:
+        raise ConfigError("method is the students' shared method settings; their names are methods=...")
+    seeds = _check_int_list("seeds", seeds)
+    methods = list(methods)
+    for m in methods:
+        if m not in STUDY_METHODS:
+            raise ConfigError(f"unknown study method {m!r}; choose from {list(STUDY_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"methods has repeats: {methods}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ConfigError(f"draws must be an int >= 1, got {draws!r}")
+    if isinstance(teacher_epochs, bool) or not isinstance(teacher_epochs, int) or teacher_epochs < 0:
+        raise ConfigError(f"teacher_epochs must be an int >= 0, got {teacher_epochs!r}")
+    if teacher is None and teacher_epochs == 0:
+        raise ConfigError("the study needs a teacher: pass teacher=MODEL (trained) or teacher_epochs=N")
+    if teacher is not None and not isinstance(teacher, torch.nn.Module):
+        raise ConfigError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+    base_settings = dict(settings)
+    base_settings["eval"] = {**settings.get("eval", {}), "etas": []}  # the study measures them all
+    cfg = fit_config({"name": "noise", **method}, spec, epochs, batch_size, "auto", base_settings)
+    validate(copy.deepcopy(cfg))  # every setting holds before anything is written
+    if "consistency" in methods and not cfg["method"]["layers"]:
+        raise ConfigError("method has no layers: the consistency students need the module names whose "
+                          "outputs they compare (method={'layers': [...]})")
+    eta = float(cfg["noise"]["eta"])
+    etas = [float(e) for e in (etas if etas is not None else [round(f * eta, 6) for f in STUDY_ETA_FACTORS])]
+    for e in etas:
+        if not (math.isfinite(e) and e >= 0):
+            raise ConfigError(f"etas: each must be a finite number >= 0, got {e!r}")
+    if not etas:
+        raise ConfigError("etas is empty")
+    spec = NoiseSpec(eta=eta, scale=cfg["noise"]["scale"], noise_bias=cfg["noise"]["noise_bias"])
+    exclude = cfg["noise"]["exclude"] or None
+    study_settings = _settings(cfg, seeds, etas, draws, methods)
+    study_settings["teacher"] = "given" if teacher is not None else {"epochs": teacher_epochs}
+    _check_out(out, study_settings, resume)
+
+    def fresh(seed: int) -> torch.nn.Module:
+        if isinstance(model, torch.nn.Module):
+            m = copy.deepcopy(model)
+        else:
+            torch.manual_seed(seed)
+            m = model()
+            if not isinstance(m, torch.nn.Module):
+                raise ConfigError(f"the model builder returned a {type(m).__name__}, not an nn.Module")
+        if noisy_layers(m):
+            raise ConfigError("the model already has noisy layers: give the study a clean model (the "
+                              "students are converted with spec)")
+        return m
+
+    def trained(seed: int, run_dir: str, noisy: bool = True) -> torch.nn.Module:
+        """The model a run trained, from its model.pth (noisy layers keep torch's keys)."""
+        m = fresh(seed)
+        if noisy:
+            convert(m, spec, exclude=exclude)
+        path = os.path.join(run_dir, "model.pth")
+        m.load_state_dict(ckpt.model_state_from(ckpt.load_file(path, "weights"), path, "weights"))
+        return m
+
+    # the noise is spec's (spec and the noise settings were merged into cfg above)
+    run_settings = dict(base_settings)
+    if "noise" in run_settings:
+        run_settings["noise"] = {k: v for k, v in run_settings["noise"].items()
+                                 if k not in ("eta", "scale", "noise_bias")}
+
+    def train(seed: int, run_dir: str, **kw) -> None:
+        if os.path.isfile(os.path.join(run_dir, "model.pth")):
+            return
+        started = os.path.isfile(os.path.join(run_dir, "last.pt"))
+        fit(fresh(seed), train_data, val_data, out_dir=run_dir, resume=started, overwrite=not started,
+            spec=spec, epochs=epochs, batch_size=batch_size, device=device, messages=messages, seed=seed,
+            **kw, **run_settings)
+
+    os.makedirs(os.path.join(out, "evals"), exist_ok=True)
+    with open(os.path.join(out, MARKER), "w") as f:
+        json.dump(study_settings, f, indent=1)
+    if teacher is None:
+        teacher_dir = os.path.join(out, "teacher")
+        messages(f"[study] clean teacher: {teacher_epochs} epochs in {teacher_dir}")
+        if not os.path.isfile(os.path.join(teacher_dir, "model.pth")):
+            started = os.path.isfile(os.path.join(teacher_dir, "last.pt"))
+            fit(fresh(0), train_data, val_data, method="clean", out_dir=teacher_dir, resume=started,
+                overwrite=not started, spec=spec, epochs=teacher_epochs, batch_size=batch_size,
+                device=device, messages=messages, seed=0, **run_settings)
+        teacher = trained(0, teacher_dir, noisy=False)  # a plain clean model, as a given teacher is
+    for s in seeds:
+        for m in methods:
+            run_dir = os.path.join(out, f"seed{s}", m)
+            messages(f"[study] seed {s}: student '{m}' (eta={eta:g}) in {run_dir}")
+            train(s, run_dir, method={"name": m, **method}, teacher=teacher if m == "kd" else None)
+
+    dev = _device(device)
+    if isinstance(val_data, torch.utils.data.DataLoader):
+        loader = val_data
+    else:
+        loader = eval_loader(val_data, cfg["data"]["eval_batch_size"], cfg["data"]["workers"],
+                             dev.type == "cuda")
+    chip_teacher = copy.deepcopy(teacher)
+    if not noisy_layers(chip_teacher):
+        convert(chip_teacher, spec, exclude=exclude)
+
+    def load(name: str, s: int):
+        m = chip_teacher if name == "teacher" else trained(s, os.path.join(out, f"seed{s}", name))
+        cl = cfg["model"]["channels_last"]
+        convnet = any(isinstance(x, torch.nn.Conv2d) for x in m.modules())
+        cl = (dev.type == "cuda" and convnet) if cl == "auto" else bool(cl)
+        return m.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format), cl
+
+    study = StudyResult(out, etas, seeds, ["teacher", *methods], draws)
+    _measure(study, load, loader, _amp_dtype(cfg, dev), dev, False, lambda msg: None)
+    samples = study.results[("teacher", seeds[0])].samples
+    header = (f"{cfg['name']}: top-1 (%) on {samples} held-out samples; students trained at "
+              f"eta={eta:g} ({cfg['noise']['scale']} scale) from one clean teacher; mean ± std over "
+              f"{len(seeds)} seeds x {draws} chips per seed (seeds {', '.join(map(str, seeds))})")
+    study.tables = format_tables(study, header)
+    _write_outputs(study, cfg, os.path.join(out, "accuracies.csv"))
+    with open(os.path.join(out, "tables.md"), "w") as f:
+        f.write(study.tables + "\n")
+    messages(study.tables)
+    return study

@@ -1,4 +1,9 @@
-"""The training loop: one :class:`Trainer` per run folder.
+"""The training loop, the package's only one: one :class:`Trainer` per run folder.
+
+A recipe's run (``fastnoise train``, the demo, the study) builds its model, data and teacher
+from the settings; :func:`fastnoise.train.fit` passes the user's instead (:class:`Given`: any
+``nn.Module``, a map-style dataset or a ``DataLoader``, a teacher), with ``model.arch`` and
+``data.dataset`` null in the settings. Everything after that is the same code.
 
 ``Trainer(config, out_dir).fit()`` checks everything it will need (every setting, data folder,
 class counts, batch size against the data, the model against the data's shape, teacher file, run
@@ -51,19 +56,27 @@ import torch
 from torch import nn
 
 from .. import rng
-from ..convert import convert, load_noise_state_dict, noise_state_dict
+from ..convert import convert, load_noise_state_dict, noise_state_dict, noisy_layers
 from ..robustness import RobustnessResult, evaluate_robustness
 from ..spec import NoiseSpec
 from . import checkpoint as ckpt
 from . import distributed
 from . import runfolder as rf
 from .data import EpochBatchSampler, build_data, eval_loader, train_loader
+from .errors import ConfigError
 from .models import CLASSIFIER, CONVNETS, build_model
-from .recipes import ConfigError, dump_config, load_config_file, validate
-from .tasks import ClassificationTask, ConsistencyTask, DistillationTask, FeatureCapture, FrozenTeacher
+from .recipes import load_config_file, validate
+from .tasks import (
+    ClassificationTask,
+    ConsistencyTask,
+    DistillationTask,
+    FeatureCapture,
+    FrozenTeacher,
+    eval_mode,
+)
 
-__all__ = ["Trainer", "TrainResult", "train", "RUN_FILES", "teacher_config", "lr_factor", "check_model_fits",
-           "CHECKPOINT_VERSION"]
+__all__ = ["Trainer", "TrainResult", "Given", "train", "RUN_FILES", "teacher_config", "lr_factor",
+           "check_model_fits", "CHECKPOINT_VERSION"]
 
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "model.pth", "steps.csv", "metrics.csv", "metrics.json",
              "robustness.csv", "robustness.png")
@@ -75,16 +88,95 @@ _RESUMABLE_CHANGES = {"data.root", "data.workers", "data.skip_unreadable", "log.
 
 @dataclass
 class TrainResult:
-    out_dir: str
+    """What a run gives back.
+
+    ``out_dir``: the run folder (None for :func:`fastnoise.train.fit` without ``out_dir``: its
+    temporary folder is gone); ``metrics`` (also ``history``): one dict per epoch, the rows of
+    ``metrics.csv``; ``robustness``: the table at the end (None if stopped, without validation
+    data or with ``eval.etas=[]``); ``model``: the trained model (the noisy-layer model, not a
+    DDP wrapper).
+    """
+
+    out_dir: Optional[str]
     global_step: int
     epochs_done: int
     stopped: bool = False
     metrics: list = field(default_factory=list)
     robustness: Optional[RobustnessResult] = None
+    model: Optional[nn.Module] = None
 
     @property
     def last(self) -> dict:
         return self.metrics[-1] if self.metrics else {}
+
+    @property
+    def history(self) -> list:
+        return self.metrics
+
+
+@dataclass
+class Given:
+    """Pieces of a run given in Python (:func:`fastnoise.train.fit`) instead of built from the
+    settings: the model, the training data (a map-style dataset or a ``DataLoader``), the
+    validation data (the same kinds, or None) and the teacher (kd)."""
+
+    model: nn.Module
+    train: object
+    val: object = None
+    teacher: Optional[nn.Module] = None
+
+
+class _LoaderEpochs:
+    """The epoch bookkeeping of a user's ``DataLoader`` (the engine's ``EpochBatchSampler`` for
+    datasets): its length, and ``set_epoch`` passed on to a sampler that has one (a
+    ``DistributedSampler``). A loader's order cannot be started part way through an epoch, so
+    runs with one save and resume at epoch ends only."""
+
+    def __init__(self, loader, world_size: int):
+        self.loader = loader
+        try:
+            self.steps_per_epoch = len(loader)
+        except TypeError:
+            raise ConfigError("train_data is a DataLoader without a length (an iterable dataset): "
+                              "fit needs the number of batches per epoch") from None
+        if self.steps_per_epoch < 1:
+            raise ConfigError("train_data is a DataLoader that yields no batches")
+        self._samplers = [s for s in (getattr(loader, "sampler", None),
+                                      getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+                          if hasattr(s, "set_epoch")]
+        distributed_sampler = any(isinstance(s, torch.utils.data.DistributedSampler) for s in self._samplers)
+        if world_size > 1 and not distributed_sampler:
+            raise ConfigError(f"train_data is a DataLoader without a DistributedSampler, under {world_size} "
+                              "processes: every process would train on all the data; give it "
+                              "sampler=DistributedSampler(dataset), or pass the dataset itself")
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if start_step:
+            raise ConfigError("a DataLoader cannot be started part way through an epoch")
+        for s in self._samplers:
+            s.set_epoch(epoch)
+
+
+def _size(data) -> int:
+    """Samples in a dataset or a DataLoader's dataset (batches if it cannot tell)."""
+    if data is None:
+        return 0
+    inner = data.dataset if isinstance(data, torch.utils.data.DataLoader) else data
+    try:
+        return len(inner)
+    except TypeError:
+        return len(data)
+
+
+def _first_sample(data):
+    """``data[0]`` of a map-style dataset (or a DataLoader's), without iterating a loader."""
+    inner = data.dataset if isinstance(data, torch.utils.data.DataLoader) else data
+    try:
+        if len(inner) == 0:
+            return None
+        return inner[0]
+    except (TypeError, NotImplementedError, KeyError, IndexError):
+        return None
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -154,12 +246,17 @@ class Trainer:
         progress: tqdm bars (default: ``log.progress``).
         device: torch device (default: ``cuda:LOCAL_RANK`` if CUDA is there, else the CPU).
         log: where messages go (rank 0 only).
+        given: the model and data (and teacher) given in Python instead of built from the
+            settings (:func:`fastnoise.train.fit` passes them; ``model.arch`` and
+            ``data.dataset`` are then null). Everything else is the same run.
     """
 
     def __init__(self, config: dict, out_dir: str, *, resume: bool = False, overwrite: bool = False,
                  stop_at_step: Optional[int] = None, progress: Optional[bool] = None, device=None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, given: Optional[Given] = None):
         self.cfg = validate(copy.deepcopy(config))
+        self.given = given
+        self.task = None
         self.out = os.fspath(out_dir)
         self.resume, self.overwrite = resume, overwrite
         if stop_at_step is not None and (isinstance(stop_at_step, bool) or not isinstance(stop_at_step, int)
@@ -239,6 +336,16 @@ class Trainer:
         if msg is not None:
             raise ConfigError(msg)
 
+    def _raise_from_any(self, err: Optional[Exception]) -> None:
+        """Every rank raises if one found an error (one process: ``err`` itself); also the point
+        where the ranks meet before rank 0 writes."""
+        msgs = distributed.all_objects(None if err is None else str(err), self.dist)
+        if err is not None:
+            raise err
+        first = next((m for m in msgs if m is not None), None)
+        if first is not None:
+            raise ConfigError(first)
+
     def _open_run_folder(self) -> None:
         """Take the folder's lock; only then clear (``--overwrite``), tidy and write config.yaml."""
         err = None
@@ -262,12 +369,12 @@ class Trainer:
                              f"{', '.join(removed)}")
                 path = self._path("config.yaml")
                 if not self.resume:
-                    dump_config(self.cfg, path)
+                    rf.dump_config(self.cfg, path)
                 elif not os.path.isfile(path):
                     self.log(f"{path} was missing: written again from last.pt's settings")
-                    dump_config(self.cfg, path)
+                    rf.dump_config(self.cfg, path)
                 elif rf.flatten(load_config_file(path)) != rf.flatten(self.cfg):
-                    dump_config(self.cfg, path)  # a resumable setting changed: record what runs now
+                    rf.dump_config(self.cfg, path)  # a resumable setting changed: record what runs now
             except ConfigError as e:
                 err = e
         self._raise_from_main(err)
@@ -282,6 +389,80 @@ class Trainer:
 
     def _needs_teacher(self) -> bool:
         return self.cfg["method"]["name"] == "kd" or self.cfg["model"]["init"] == "teacher"
+
+    def _check_given(self) -> tuple:
+        """The given model and data fit each other (one batch of two validation samples through
+        the model in eval mode, without autograd: no state changes); returns the class count,
+        the model's name and whether it has convolutions. Checked before anything is written."""
+        g, cfg = self.given, self.cfg
+        if not isinstance(g.model, nn.Module):
+            raise ConfigError(f"model must be an nn.Module, got {type(g.model).__name__}")
+        for key in ("model.arch", "data.dataset", "model.init", "teacher.weights"):
+            section, leaf = key.split(".")
+            if cfg[section][leaf] is not None:
+                raise ConfigError(f"{key} must be null when the model and data are given, got "
+                                  f"{cfg[section][leaf]!r}")
+        if cfg["teacher"]["epochs"]:
+            raise ConfigError("teacher.epochs must be 0 when the model is given: pass the teacher")
+        kd = cfg["method"]["name"] == "kd"
+        if kd and g.teacher is None:
+            raise ConfigError("method 'kd' needs a teacher: pass teacher=MODEL (a trained nn.Module)")
+        if not kd and g.teacher is not None:
+            raise ConfigError(f"a teacher is for method 'kd', not {cfg['method']['name']!r}")
+        if g.teacher is not None and not isinstance(g.teacher, nn.Module):
+            raise ConfigError(f"teacher must be an nn.Module, got {type(g.teacher).__name__}")
+        if g.teacher is g.model:
+            raise ConfigError("teacher is the model itself: pass a separate trained model "
+                              "(e.g. copy.deepcopy(model) before training it)")
+        names = cfg["method"]["layers"] if cfg["method"]["name"] == "consistency" else []
+        modules = dict(g.model.named_modules())
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            known = [n for n in modules if n][:12]
+            raise ConfigError(f"method.layers: no module named {unknown[0]!r} in the model "
+                              f"(some names it has: {known})")
+        if g.val is not None and _size(g.val) == 0:
+            raise ConfigError("val_data has no samples")
+        sample = _first_sample(g.val) if g.val is not None else None
+        where = "val_data[0]"
+        if sample is None:
+            sample, where = _first_sample(g.train), "train_data[0]"
+        convnet = any(isinstance(m, nn.Conv2d) for m in g.model.modules())
+        if sample is None:  # nothing to look at without drawing from a loader: the first step tells
+            return None, type(g.model).__name__, convnet
+        if (not isinstance(sample, (tuple, list)) or len(sample) != 2
+                or not isinstance(sample[0], torch.Tensor)):
+            raise ConfigError(f"{where} is {type(sample).__name__}, not an (input tensor, label) pair")
+        classes = None
+        for what, m in (("model", g.model), ("teacher", g.teacher)):
+            if m is None:
+                continue
+            p = next(iter(m.parameters()), None)
+            x = torch.stack([sample[0], sample[0]]).to(p.device if p is not None else "cpu")
+            capture = FeatureCapture(m, names) if names and what == "model" else None
+            try:
+                with torch.no_grad(), eval_mode(m), (capture.recording() if capture is not None
+                                                     else contextlib.nullcontext()):
+                    out = m(x)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                raise ConfigError(f"the {what} does not take {where}'s input (of shape "
+                                  f"{list(sample[0].shape)}): {rf.first_line(e)}") from None
+            finally:
+                if capture is not None:
+                    capture.remove()
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or out.shape[1] < 2:
+                got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ConfigError(f"the {what} gives outputs of shape {got} for a batch of 2 inputs, "
+                                  "not [batch, classes]")
+            if classes is not None and out.shape[1] != classes:
+                raise ConfigError(f"the teacher has {out.shape[1]} outputs, the model {classes}")
+            classes = int(out.shape[1])
+        label = sample[1]
+        label = int(label) if isinstance(label, torch.Tensor) and label.numel() == 1 else label
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes:
+            raise ConfigError(f"{where}'s label is {sample[1]!r}: labels must be integers in [0, {classes}) "
+                              f"(the model has {classes} outputs)")
+        return classes, type(g.model).__name__, convnet
 
     def _check_teacher_settings(self) -> None:
         t, m = self.cfg["teacher"], self.cfg["model"]
@@ -337,7 +518,7 @@ class Trainer:
     def _channels_last(self) -> bool:
         cl = self.cfg["model"]["channels_last"]
         if cl == "auto":
-            return self.dist.device.type == "cuda" and self.cfg["model"]["arch"] in CONVNETS
+            return self.dist.device.type == "cuda" and self._convnet
         return bool(cl)
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -356,33 +537,61 @@ class Trainer:
         """Check everything, then create the run folder and build the model, task and optimizer."""
         cfg = self.cfg
         self.dist = distributed.setup(self.device_arg)
-        self._check_run_folder()
-        data = build_data(cfg)
-        want = cfg["data"]["num_classes"]
-        if want is not None and want != data.num_classes:
-            raise ConfigError(f"data.num_classes={want} but the data has {data.num_classes} classes")
-        self._check_teacher_settings()
-        self.num_classes = data.num_classes
-        self._check_layers(data)
-        d = cfg["data"]
-        self.sampler = EpochBatchSampler(len(data.train), d["batch_size"], cfg["seed"], self.dist.rank,
-                                         self.dist.world_size)
-        self._data_sizes = [len(data.train), len(data.val)]
-        ck = self._saved.checkpoint if self._saved is not None else None
-        if ck is not None and ck.get("data_sizes") is not None:
-            self._check_same_data(ck["data_sizes"], self._path("last.pt"))
-        teacher = None
-        tw = cfg["teacher"]["weights"]
-        if self._needs_teacher() and tw is not None:
-            teacher = self._load_teacher(os.path.expanduser(str(tw)), self.num_classes)
-        init = cfg["model"]["init"]
-        if init not in (None, "teacher"):  # read and check it now, before anything is written
-            arch = cfg["model"]["arch"]
-            with torch.device("meta"):
-                probe = build_model(arch, self.num_classes)
-            ckpt.load_weights(probe, os.path.expanduser(init), "model.init", arch, CLASSIFIER[arch],
-                              self.num_classes, assign=True)
-            del probe
+        # every rank checks (reading only); none writes before all have finished, so a
+        # rank's checks never see rank 0's first writes (its lock, a new config.yaml)
+        err = None
+        try:
+            self._check_run_folder()
+            d = cfg["data"]
+            if self.given is None:
+                data = build_data(cfg)
+                want = cfg["data"]["num_classes"]
+                if want is not None and want != data.num_classes:
+                    raise ConfigError(f"data.num_classes={want} but the data has {data.num_classes} classes")
+                self._check_teacher_settings()
+                self.num_classes = data.num_classes
+                self._check_layers(data)
+                train_set, val_set = data.train, data.val
+                self._model_name, self._data_name = cfg["model"]["arch"], cfg["data"]["dataset"]
+                self._convnet = cfg["model"]["arch"] in CONVNETS
+            else:
+                self.num_classes, self._model_name, self._convnet = self._check_given()
+                train_set, val_set = self.given.train, self.given.val
+                self._data_name = "the given data"
+            self._loader_given = isinstance(train_set, torch.utils.data.DataLoader)
+            if self._loader_given:
+                self.sampler = _LoaderEpochs(train_set, self.dist.world_size)
+                spe = self.sampler.steps_per_epoch
+                if cfg["checkpoint"]["every_steps"]:
+                    raise ConfigError("checkpoint.every_steps must be 0 when train_data is a DataLoader: "
+                                      "a run with one saves (and resumes) at epoch ends only")
+                if self.stop_at_step is not None and self.stop_at_step % spe:
+                    raise ConfigError(f"stop_at_step={self.stop_at_step} is not at an epoch end ({spe} "
+                                      "steps per epoch): a run with a DataLoader stops and resumes at "
+                                      "epoch ends only")
+            else:
+                self.sampler = EpochBatchSampler(len(train_set), d["batch_size"], cfg["seed"], self.dist.rank,
+                                                 self.dist.world_size)
+            self._data_sizes = [_size(train_set), _size(val_set)]
+            ck = self._saved.checkpoint if self._saved is not None else None
+            if ck is not None and ck.get("data_sizes") is not None:
+                self._check_same_data(ck["data_sizes"], self._path("last.pt"))
+            teacher = self.given.teacher if self.given is not None else None
+            tw = cfg["teacher"]["weights"]
+            if self._needs_teacher() and tw is not None:
+                teacher = self._load_teacher(os.path.expanduser(str(tw)), self.num_classes)
+            init = cfg["model"]["init"]
+            if init not in (None, "teacher"):  # read and check it now, before anything is written
+                arch = cfg["model"]["arch"]
+                with torch.device("meta"):
+                    probe = build_model(arch, self.num_classes)
+                ckpt.load_weights(probe, os.path.expanduser(init), "model.init", arch, CLASSIFIER[arch],
+                                  self.num_classes, assign=True)
+                del probe
+        except ConfigError as e:
+            err = e
+        self._raise_from_any(err)
+
 
         # everything is checked: from here on files are written, under the folder's lock
         self._open_run_folder()
@@ -393,16 +602,20 @@ class Trainer:
 
         torch.manual_seed(cfg["seed"])
         rng.manual_seed(cfg["seed"])
-        arch = cfg["model"]["arch"]
-        model = build_model(arch, self.num_classes)
-        if init == "teacher":
-            model.load_state_dict(teacher.state_dict())
-        elif init is not None:
-            ckpt.load_weights(model, os.path.expanduser(init), "model.init", arch, CLASSIFIER[arch],
-                              self.num_classes)
         n = cfg["noise"]
         self.spec = NoiseSpec(eta=n["eta"], scale=n["scale"], noise_bias=n["noise_bias"])
-        convert(model, self.spec, exclude=n["exclude"] or None)
+        if self.given is None:
+            arch = cfg["model"]["arch"]
+            model = build_model(arch, self.num_classes)
+            if init == "teacher":
+                model.load_state_dict(teacher.state_dict())
+            elif init is not None:
+                ckpt.load_weights(model, os.path.expanduser(init), "model.init", arch, CLASSIFIER[arch],
+                                  self.num_classes)
+        else:
+            model = self.given.model
+        if self.given is None or not noisy_layers(model):  # a model with noisy layers keeps them
+            convert(model, self.spec, exclude=n["exclude"] or None)
         dev = self.dist.device
         fmt = torch.channels_last if self._channels_last() else torch.contiguous_format
         model.to(dev, memory_format=fmt)
@@ -427,9 +640,15 @@ class Trainer:
                 raise ConfigError(str(e)) from e
 
         pin = dev.type == "cuda"
-        self.train_loader = train_loader(data.train, self.sampler, d["workers"], pin)
-        self.val_loader = eval_loader(data.val, d["eval_batch_size"], d["workers"], pin, self.dist.rank,
-                                      self.dist.world_size)
+        if self._loader_given:
+            self.train_loader = train_set
+        else:
+            self.train_loader = train_loader(train_set, self.sampler, d["workers"], pin)
+        if val_set is None or isinstance(val_set, torch.utils.data.DataLoader):
+            self.val_loader = val_set
+        else:
+            self.val_loader = eval_loader(val_set, d["eval_batch_size"], d["workers"], pin, self.dist.rank,
+                                          self.dist.world_size)
         self.optimizer = self._optimizer(self.base)
         spe = self.sampler.steps_per_epoch
         s = cfg["schedule"]
@@ -550,6 +769,9 @@ class Trainer:
             self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
             self.metrics = [dict(r) for r in state["metrics"]]
             sizes = [int(n) for n in state["data_sizes"]]
+            if self._loader_given and self.step_in_epoch:
+                raise ValueError(f"step {self.step_in_epoch} of an epoch, but a DataLoader resumes at "
+                                 "epoch ends")
             if not 0 <= self.step_in_epoch <= self.sampler.steps_per_epoch or len(self.metrics) != self.epoch:
                 raise ValueError(f"epoch {self.epoch}, step in epoch {self.step_in_epoch}, "
                                  f"{len(self.metrics)} metrics rows")
@@ -562,7 +784,9 @@ class Trainer:
 
     def _check_same_data(self, sizes, path: str) -> None:
         if list(sizes) != self._data_sizes:  # data.root may move, not change
-            raise ConfigError(f"the data at data.root={self.cfg['data']['root']!r} has {self._data_sizes[0]} "
+            where = (f"the data at data.root={self.cfg['data']['root']!r}" if self.given is None
+                     else "the given data")
+            raise ConfigError(f"{where} has {self._data_sizes[0]} "
                               f"training and {self._data_sizes[1]} validation samples, but {path!r} was "
                               f"trained on {sizes[0]} and {sizes[1]}: it is other data")
 
@@ -633,6 +857,8 @@ class Trainer:
                 "progress": False}
 
     def _validate(self) -> dict:
+        if self.val_loader is None:
+            return {}
         clean = evaluate_robustness(self.base, self.val_loader, [0.0], 1, **self._eval_kwargs())
         out = {"val_top1": clean.mean[0]}
         draws = self.cfg["eval"]["epoch_draws"]
@@ -642,13 +868,21 @@ class Trainer:
             out["val_top1_noisy"] = r.mean[0]
         return out
 
-    def evaluate(self, etas=None, draws=None) -> RobustnessResult:
-        """The robustness table of the current model on the validation set."""
+    def evaluate(self, etas=None, draws=None, seed: Optional[int] = None) -> RobustnessResult:
+        """The robustness table of the current model on the validation set, on the simulated
+        chips of ``seed`` (default: the run's ``seed``; :func:`fastnoise.evaluate_robustness`'s
+        ``seed=``, which names each layer's chip by its place in the model), so the models of
+        runs with the same seed meet the very same chips whatever built them."""
+        if self.val_loader is None:
+            raise ConfigError("this run has no validation data to evaluate on")
         e = self.cfg["eval"]
         kw = self._eval_kwargs()
         kw["progress"] = self.progress and self.dist.is_main
-        return evaluate_robustness(self.base, self.val_loader, e["etas"] if etas is None else etas,
-                                   e["draws"] if draws is None else draws, name=self.cfg["name"], **kw)
+        result = evaluate_robustness(self.base, self.val_loader, e["etas"] if etas is None else etas,
+                                     e["draws"] if draws is None else draws, name=self.cfg["name"],
+                                     seed=self.cfg["seed"] if seed is None else seed, **kw)
+        result.name = self.cfg["name"]  # evaluate_robustness(seed=) names it after its last layer
+        return result
 
     # ------------------------------------------------------------------ training
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -701,15 +935,30 @@ class Trainer:
             self._setup()
             return self._fit()
         finally:
+            if self.task is not None:
+                self.task.close()  # hooks off the model (consistency), also after an error
             self._close()
+
+    def _stop_now(self) -> bool:
+        return self.stop_at_step is not None and self.global_step >= self.stop_at_step
+
+    def _stop(self, save: bool) -> TrainResult:
+        """``stop_at_step``: as if interrupted there, with ``last.pt`` written."""
+        self._bar = None
+        if save:
+            self._save()
+        self.task.close()  # hooks off the model
+        self.log(f"stopped at step {self.global_step}; continue with --resume")
+        return TrainResult(self.out, self.global_step, self.epoch, True, self.metrics, model=self.base)
 
     def _fit(self) -> TrainResult:
         cfg = self.cfg
         spe = self.sampler.steps_per_epoch
         epochs = cfg["schedule"]["epochs"]
         every, ck_every = cfg["log"]["every"], cfg["checkpoint"]["every_steps"]
-        self.log(f"{cfg['name']}: {cfg['method']['name']} on {cfg['data']['dataset']} "
-                 f"({self.num_classes} classes), {cfg['model']['arch']}, noise {self.spec}, "
+        classes = f" ({self.num_classes} classes)" if self.num_classes is not None else ""
+        self.log(f"{cfg['name']}: {cfg['method']['name']} on {self._data_name}"
+                 f"{classes}, {self._model_name}, noise {self.spec}, "
                  f"{epochs} epochs x {spe} steps, global batch {cfg['data']['batch_size']}, "
                  f"{self.dist.world_size} process(es) on {self.dist.device}")
         bar_cm = contextlib.nullcontext(None)
@@ -743,12 +992,9 @@ class Trainer:
                             raise self._diverged(f"the loss is {loss}")
                     if bar is not None:
                         bar.update(1)
-                    if self.stop_at_step is not None and self.global_step >= self.stop_at_step:
-                        self._bar = None
-                        self._save()
-                        self.task.close()  # hooks off the model
-                        self.log(f"stopped at step {self.global_step}; continue with --resume")
-                        return TrainResult(self.out, self.global_step, self.epoch, True, self.metrics)
+                    # a DataLoader stops at the epoch's end, after the epoch is recorded (below)
+                    if self._stop_now() and not self._loader_given:
+                        return self._stop(save=True)
                     if ck_every and self.global_step % ck_every == 0 and self.step_in_epoch < spe:
                         self._save()
                 row = self._epoch_row(time.perf_counter() - t0)
@@ -758,21 +1004,23 @@ class Trainer:
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.sums = {}
-                score = row.get("val_top1_noisy", row["val_top1"])
-                improved = score > self.best
+                score = row.get("val_top1_noisy", row.get("val_top1"))
+                improved = score is not None and score > self.best
                 if improved:
                     self.best, self.best_epoch = score, self.epoch
                 self.metrics.append(row)
                 if self.dist.is_main:
                     self._write_metrics()
                     noisy = f", noisy val {row['val_top1_noisy']:.2f}%" if "val_top1_noisy" in row else ""
-                    self.log(f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}, "
-                             f"val {row['val_top1']:.2f}%{noisy}")
+                    val = f", val {row['val_top1']:.2f}%" if "val_top1" in row else ""
+                    self.log(f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}{val}{noisy}")
                 # best.pt before last.pt: a kill between the two leaves last.pt at the previous
                 # epoch, which the resumed run redoes (writing the same best.pt again)
                 if improved and cfg["checkpoint"]["best"]:
                     self._save("best.pt")
                 self._save()
+                if self._stop_now():
+                    return self._stop(save=False)
             self._bar = None
         self._check_finite()
         err = None
@@ -784,7 +1032,7 @@ class Trainer:
                 err = e
         self._raise_from_main(err)
         result = None
-        if cfg["eval"]["etas"]:
+        if cfg["eval"]["etas"] and self.val_loader is not None:
             result = self.evaluate()
             if self.dist.is_main:
                 with rf.atomic_path(self._path("robustness.csv")) as tmp:
@@ -793,7 +1041,7 @@ class Trainer:
                     result.plot(tmp, title=f"{cfg['name']} ({cfg['method']['name']})")
                 self.log(result.table())
         distributed.barrier(self.dist)
-        return TrainResult(self.out, self.global_step, self.epoch, False, self.metrics, result)
+        return TrainResult(self.out, self.global_step, self.epoch, False, self.metrics, result, self.base)
 
 
 def train(config: dict, out_dir: str, **kwargs) -> TrainResult:
