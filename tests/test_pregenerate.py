@@ -11,7 +11,7 @@ from fastnoise.kernels import noise_gen
 from torch import nn
 
 import fastnoise
-from fastnoise import NoiseSpec
+from fastnoise import NoiseSpec, pregenerate
 from fastnoise.pregenerate import noisy_weights, pregenerated
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
@@ -66,6 +66,29 @@ def test_multi_rejects_bad_arguments():
         noise_gen.noisy_weights_multi([w], [s], [0], [1], [0], torch.float64)
     with pytest.raises(TypeError, match="tensor 0"):
         noise_gen.noisy_weights_multi([w.double()], [s], [0], [1], [0], torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _triton_launch_on_cpu_too(monkeypatch):
+    """These tests check the one Triton launch per forward; on the CPU it runs through the
+    interpreter (by default a CPU model pregenerates with the layers' own C++ generator)."""
+    monkeypatch.setattr(pregenerate, "TRITON_OFF_CUDA", True)
+
+
+def test_cpu_default_uses_the_layers_generator_with_the_same_outputs(monkeypatch):
+    monkeypatch.setattr(pregenerate, "TRITON_OFF_CUDA", False)
+    torch.manual_seed(0)
+    model = fastnoise.convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+                              fastnoise.NoiseSpec(eta=0.2)).eval()
+    x = torch.randn(5, 8)
+    calls = []
+    monkeypatch.setattr(noise_gen, "noisy_weights_multi", lambda *a, **k: calls.append(1))
+    with torch.no_grad(), fastnoise.noise(draw=2):
+        own = model(x)
+        with pregenerated(model):
+            got = model(x)
+    assert not calls  # no Triton launch for CPU weights
+    torch.testing.assert_close(got, own, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- pregenerated(model)
