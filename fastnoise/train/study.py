@@ -233,6 +233,34 @@ def _check_int_list(name: str, values, lo: int = 0) -> list:
     return values
 
 
+def _check_runs(seeds, methods, draws, flag: str) -> tuple[list, list]:
+    """The study's seeds, methods and draws checked; ``flag`` prefixes names in messages
+    (``--`` for the CLI)."""
+    seeds = _check_int_list("seeds", seeds)
+    methods = list(methods)
+    for m in methods:
+        if m not in STUDY_METHODS:
+            raise ConfigError(f"unknown study method {m!r}; choose from {list(STUDY_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"methods has repeats: {methods}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ConfigError(f"{flag}draws must be an int >= 1, got {draws!r}")
+    return seeds, methods
+
+
+def _check_etas(etas, eta: float, flag: str) -> list:
+    """The evaluation etas checked (None: :data:`STUDY_ETA_FACTORS` times the training ``eta``)."""
+    if etas is None:
+        etas = [round(f * eta, 6) for f in STUDY_ETA_FACTORS]
+    etas = [float(e) for e in etas]
+    for e in etas:
+        if not (math.isfinite(e) and e >= 0):
+            raise ConfigError(f"{flag}etas: each must be a finite number >= 0, got {e!r}")
+    if not etas:
+        raise ConfigError(f"{flag}etas is empty")
+    return etas
+
+
 def _settings(cfg, seeds, etas, draws, methods) -> dict:
     return {"version": STUDY_VERSION, "seeds": seeds, "etas": etas, "draws": draws, "methods": methods,
             "config": cfg}
@@ -353,24 +381,9 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
     Returns a :class:`StudyResult`; its ``tables`` is what was printed and written.
     """
     cfg = resolve(recipe, overrides, data_root)
-    seeds = _check_int_list("seeds", seeds)
-    methods = list(methods)
-    for m in methods:
-        if m not in STUDY_METHODS:
-            raise ConfigError(f"unknown study method {m!r}; choose from {list(STUDY_METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"methods has repeats: {methods}")
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ConfigError(f"--draws must be an int >= 1, got {draws!r}")
+    seeds, methods = _check_runs(seeds, methods, draws, "--")
     eta = float(cfg["noise"]["eta"])
-    if etas is None:
-        etas = [round(f * eta, 6) for f in STUDY_ETA_FACTORS]
-    etas = [float(e) for e in etas]
-    for e in etas:
-        if not (math.isfinite(e) and e >= 0):
-            raise ConfigError(f"--etas: each must be a finite number >= 0, got {e!r}")
-    if not etas:
-        raise ConfigError("--etas is empty")
+    etas = _check_etas(etas, eta, "--")
     t = cfg["teacher"]
     if t["weights"] is None and t["epochs"] == 0:
         raise ConfigError("the study needs a teacher: set teacher.epochs=N (trained first, once) or "
@@ -521,15 +534,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
     method = dict(method or {})
     if "name" in method:
         raise ConfigError("method is the students' shared method settings; their names are methods=...")
-    seeds = _check_int_list("seeds", seeds)
-    methods = list(methods)
-    for m in methods:
-        if m not in STUDY_METHODS:
-            raise ConfigError(f"unknown study method {m!r}; choose from {list(STUDY_METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"methods has repeats: {methods}")
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ConfigError(f"draws must be an int >= 1, got {draws!r}")
+    seeds, methods = _check_runs(seeds, methods, draws, "")
     if isinstance(teacher_epochs, bool) or not isinstance(teacher_epochs, int) or teacher_epochs < 0:
         raise ConfigError(f"teacher_epochs must be an int >= 0, got {teacher_epochs!r}")
     if teacher is None and teacher_epochs == 0:
@@ -544,12 +549,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
         raise ConfigError("method has no layers: the consistency students need the module names whose "
                           "outputs they compare (method={'layers': [...]})")
     eta = float(cfg["noise"]["eta"])
-    etas = [float(e) for e in (etas if etas is not None else [round(f * eta, 6) for f in STUDY_ETA_FACTORS])]
-    for e in etas:
-        if not (math.isfinite(e) and e >= 0):
-            raise ConfigError(f"etas: each must be a finite number >= 0, got {e!r}")
-    if not etas:
-        raise ConfigError("etas is empty")
+    etas = _check_etas(etas, eta, "")
     spec = NoiseSpec(eta=eta, scale=cfg["noise"]["scale"], noise_bias=cfg["noise"]["noise_bias"])
     exclude = cfg["noise"]["exclude"] or None
     study_settings = _settings(cfg, seeds, etas, draws, methods)
