@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 from . import dispatch, reference
 
@@ -90,16 +91,70 @@ def _as_4d(weight):
         return None
 
 
-def generated_bias(bias, sigma, mode, noise_bias, seed, offset, dtype):
-    """The bias a ``generate`` path adds: ``b + sigma z_b`` from the Triton kernel when the spec
-    noises the bias, else ``b`` in the compute dtype; None stays None."""
-    if bias is None:
-        return None
-    if noise_bias:
-        from .kernels import noise_gen
+def generate_paths(generator, name: str):
+    """The ``generate`` paths of a noise generator: write ``W + sigma z`` (and the noisy bias) in
+    the compute dtype, then the clean op; the backward regenerates it for dx, dW and db
+    straight-through. ``generator()`` returns an object with ``noisy_weight`` and ``noisy_bias``
+    (the Triton kernels, the C++ ops), imported on the first call. Returns ``(linear, conv2d)``
+    backends and the bias helper."""
 
-        return noise_gen.noisy_bias(bias, sigma, mode, seed, offset, dtype)
-    return bias.detach().to(dtype)
+    def bias_for(bias, sigma, mode, noise_bias, seed, offset, dtype):
+        """``b + sigma z_b`` when the spec noises the bias, else ``b`` in the compute dtype."""
+        if bias is None:
+            return None
+        if noise_bias:
+            return generator().noisy_bias(bias, sigma, mode, seed, offset, dtype)
+        return bias.detach().to(dtype)
+
+    def linear_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset):
+        wn = generator().noisy_weight(weight, sigma, mode, seed, offset, x.dtype)
+        y = F.linear(x, wn, bias_for(bias, sigma, mode, noise_bias, seed, offset, x.dtype))
+        del wn  # |W| in the compute dtype, freed before the next layer allocates its own
+        return y
+
+    def linear_backward(grad, x, weight, sigma, mode, seed, offset, need_x, need_w, need_b):
+        dx = None
+        if need_x:
+            wn = generator().noisy_weight(weight, sigma, mode, seed, offset, grad.dtype)
+            dx = (grad.reshape(-1, weight.shape[0]) @ wn).reshape(x.shape)
+            del wn
+        _, dw, db = reference.linear_backward(grad, x, weight, sigma, mode, seed, offset,
+                                              False, need_w, need_b)
+        return dx, dw, db
+
+    def conv_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding,
+                     dilation, groups):
+        wn = generator().noisy_weight(weight, sigma, mode, seed, offset, x.dtype)
+        b = bias_for(bias, sigma, mode, noise_bias, seed, offset, x.dtype)
+        y = F.conv2d(x, wn, b, stride, padding, dilation, groups)
+        del wn  # short-lived: back to the allocator before the next layer
+        return y
+
+    def conv_backward(grad, x, weight, sigma, mode, seed, offset, stride, padding, dilation, groups,
+                      need_x, need_w, need_b):
+        """dx with the forward's noise (regenerated), dW and db straight-through."""
+        if need_x:
+            w = generator().noisy_weight(weight, sigma, mode, seed, offset, grad.dtype)
+        else:  # convolution_backward reads only the shape for grad weight
+            w = torch.empty_like(weight, dtype=grad.dtype)
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            grad, x, w, [weight.shape[0]] if need_b else None, stride, padding, dilation,
+            False, [0, 0], groups, [need_x, need_w, need_b],
+        )
+        del w
+        return dx, (dw.to(weight.dtype) if need_w else None), db
+
+    return (SimpleNamespace(name=name, forward=linear_forward, backward=linear_backward),
+            SimpleNamespace(name=name, forward=conv_forward, backward=conv_backward), bias_for)
+
+
+def _triton_generator():
+    from .kernels import noise_gen
+
+    return noise_gen
+
+
+GENERATE_LINEAR, GENERATE_CONV2D, generated_bias = generate_paths(_triton_generator, "generate")
 
 
 # ----------------------------------------------------------------------------- conv layouts

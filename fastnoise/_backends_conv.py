@@ -23,10 +23,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 from . import _backends_cpu, dispatch
 from ._backends_base import (  # noqa: F401
+    GENERATE_CONV2D,
     REFERENCE_CONV2D,
     conv_out_hw,
     conv_output_memory_format,
@@ -48,34 +48,6 @@ FUSED_MIN_WEIGHT_NUMEL = 4096
 
 
 
-def _generate_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding,
-                      dilation, groups):
-    from .kernels import noise_gen
-
-    wn = noise_gen.noisy_weight(weight, sigma, mode, seed, offset, x.dtype)
-    b = generated_bias(bias, sigma, mode, noise_bias, seed, offset, x.dtype)
-    y = F.conv2d(x, wn, b, stride, padding, dilation, groups)
-    del wn  # short-lived: back to the caching allocator before the next layer
-    return y
-
-
-def _generate_backward(grad, x, weight, sigma, mode, seed, offset, stride, padding, dilation, groups,
-                       need_x, need_w, need_b):
-    """dx with the forward's noise (regenerated), dW and db straight-through."""
-    from .kernels import noise_gen
-
-    if need_x:
-        w = noise_gen.noisy_weight(weight, sigma, mode, seed, offset, grad.dtype)
-    else:  # convolution_backward reads only the shape for grad weight
-        w = torch.empty_like(weight, dtype=grad.dtype)
-    dx, dw, db = torch.ops.aten.convolution_backward(
-        grad, x, w, [weight.shape[0]] if need_b else None, stride, padding, dilation,
-        False, [0, 0], groups, [need_x, need_w, need_b],
-    )
-    del w
-    return dx, (dw.to(weight.dtype) if need_w else None), db
-
-
 def _fused_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding,
                    dilation, groups):
     from .kernels import noisy_conv
@@ -86,9 +58,7 @@ def _fused_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, strid
                                        stride, padding, dilation, groups, out=y)
 
 
-GENERATE_CONV2D = SimpleNamespace(name="generate", forward=_generate_forward,
-                                  backward=_generate_backward)
-FUSED_CONV2D = SimpleNamespace(name="fused", forward=_fused_forward, backward=_generate_backward)
+FUSED_CONV2D = SimpleNamespace(name="fused", forward=_fused_forward, backward=GENERATE_CONV2D.backward)
 
 
 # float32: the fused kernel multiplies float32 in IEEE precision on the FMA units, where ptxas

@@ -13,61 +13,18 @@ library, runs the reference. ``path="reference"`` always runs the reference.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
-import torch.nn.functional as F
 
-from . import _cpu, dispatch, reference
-
-
-def _bias(bias, sigma, mode, noise_bias, seed, offset, dtype):
-    if bias is None:
-        return None
-    if noise_bias:
-        return _cpu.noisy_bias(bias, sigma, mode, seed, offset, dtype)
-    return bias.detach().to(dtype)
+from . import _cpu, dispatch
+from ._backends_base import generate_paths
 
 
-def _linear_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset):
-    wn = _cpu.noisy_weight(weight, sigma, mode, seed, offset, x.dtype)
-    return F.linear(x, wn, _bias(bias, sigma, mode, noise_bias, seed, offset, x.dtype))
+def _generator():
+    return _cpu
 
 
-def _linear_backward(grad, x, weight, sigma, mode, seed, offset, need_x, need_w, need_b):
-    dx = None
-    if need_x:
-        wn = _cpu.noisy_weight(weight, sigma, mode, seed, offset, grad.dtype)
-        dx = (grad.reshape(-1, weight.shape[0]) @ wn).reshape(x.shape)
-        del wn
-    _, dw, db = reference.linear_backward(grad, x, weight, sigma, mode, seed, offset,
-                                          False, need_w, need_b)
-    return dx, dw, db
-
-
-def _conv_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset, stride, padding,
-                  dilation, groups):
-    wn = _cpu.noisy_weight(weight, sigma, mode, seed, offset, x.dtype)
-    b = _bias(bias, sigma, mode, noise_bias, seed, offset, x.dtype)
-    return F.conv2d(x, wn, b, stride, padding, dilation, groups)
-
-
-def _conv_backward(grad, x, weight, sigma, mode, seed, offset, stride, padding, dilation, groups,
-                   need_x, need_w, need_b):
-    if need_x:
-        w = _cpu.noisy_weight(weight, sigma, mode, seed, offset, grad.dtype)
-    else:  # convolution_backward reads only the shape for grad weight
-        w = torch.empty_like(weight, dtype=grad.dtype)
-    dx, dw, db = torch.ops.aten.convolution_backward(
-        grad, x, w, [weight.shape[0]] if need_b else None, stride, padding, dilation,
-        False, [0, 0], groups, [need_x, need_w, need_b],
-    )
-    del w
-    return dx, (dw.to(weight.dtype) if need_w else None), db
-
-
-CPU_LINEAR = SimpleNamespace(name="cpu", forward=_linear_forward, backward=_linear_backward)
-CPU_CONV2D = SimpleNamespace(name="cpu", forward=_conv_forward, backward=_conv_backward)
+# the generate paths with the C++ ops as the generator (BLAS / oneDNN for the clean op)
+CPU_LINEAR, CPU_CONV2D, _ = generate_paths(_generator, "cpu")
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:

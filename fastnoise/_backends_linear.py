@@ -15,10 +15,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 from . import _backends_cpu, dispatch, reference
-from ._backends_base import REFERENCE_LINEAR, generated_bias
+from ._backends_base import GENERATE_LINEAR, REFERENCE_LINEAR
 
 # ``auto`` on CUDA: the fused kernel while the rows of the product (M = batch * tokens for the
 # forward, the same M for the input gradient) fit in this many, cuBLAS on a generated buffer
@@ -41,29 +40,6 @@ def _rows(t: torch.Tensor) -> int:
 
 
 # ----------------------------------------------------------------------------- generate path
-def _generate_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset):
-    from .kernels import noise_gen
-
-    wn = noise_gen.noisy_weight(weight, sigma, mode, seed, offset, x.dtype)
-    b = generated_bias(bias, sigma, mode, noise_bias, seed, offset, x.dtype)
-    y = F.linear(x, wn, b)
-    del wn  # |W| in the compute dtype, freed before the next layer allocates its own
-    return y
-
-
-def _generate_backward(grad, x, weight, sigma, mode, seed, offset, need_x, need_w, need_b):
-    from .kernels import noise_gen
-
-    dx = None
-    if need_x:
-        wn = noise_gen.noisy_weight(weight, sigma, mode, seed, offset, grad.dtype)
-        dx = (grad.reshape(-1, weight.shape[0]) @ wn).reshape(x.shape)
-        del wn
-    _, dw, db = reference.linear_backward(grad, x, weight, sigma, mode, seed, offset,
-                                          False, need_w, need_b)
-    return dx, dw, db
-
-
 # ----------------------------------------------------------------------------- fused path
 def _fused_forward(x, weight, bias, sigma, mode, noise_bias, seed, offset):
     from .kernels import noisy_matmul
@@ -82,8 +58,6 @@ def _fused_backward(grad, x, weight, sigma, mode, seed, offset, need_x, need_w, 
     return dx, dw, db
 
 
-GENERATE_LINEAR = SimpleNamespace(name="generate", forward=_generate_forward,
-                                  backward=_generate_backward)
 FUSED_LINEAR = SimpleNamespace(name="fused", forward=_fused_forward, backward=_fused_backward)
 _BY_NAME = {"generate": GENERATE_LINEAR, "fused": FUSED_LINEAR}
 
