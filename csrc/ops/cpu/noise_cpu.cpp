@@ -1,11 +1,12 @@
 // CPU implementations of the fastnoise_cpu ops (schemas in ../noise.cpp): argument checks, the
-// output, the rows of the GEMM view spread over threads with at::parallel_for, and the choice
+// output, the rows of the GEMM view spread over threads in blocks taken as threads come free, and the choice
 // of kernel copy (AVX2 when the CPU has it, else the baseline). Each element is a pure function
 // of (seed, offset, stream, row, column), so the result does not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -32,6 +33,23 @@ void init_tables() {
 namespace {
 
 constexpr int64_t kModeTensor = 0, kModeRow = 1, kModeProportional = 2;  // fastnoise.spec
+
+// Rows in blocks of about 16 Ki elements, handed out one at a time to whichever thread is free
+// (an atomic counter) rather than split in equal halves up front: a thread that wakes late or
+// shares its core with another process then does fewer blocks instead of holding up the call.
+// One block, one thread, or a call from inside a parallel region runs on the calling thread.
+template <typename Body>
+void for_row_blocks(int64_t rows, int64_t cols, const Body& body) {
+  const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  const int64_t blocks = (rows + block - 1) / block;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(blocks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1)) {
+      body(b * block, std::min(rows, (b + 1) * block));
+    }
+  });
+}
 
 bool cpu_has_avx2() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -172,8 +190,7 @@ at::Tensor noisy(const at::Tensor& t, const at::Tensor& sigma, int64_t mode, int
   const int64_t in_size = t.element_size(), out_size = out.element_size();
   const char* in_base = static_cast<const char*>(t.const_data_ptr());
   char* out_base = static_cast<char*>(out.data_ptr());
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  for_row_blocks(rows, cols, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       Row row;
       row.row = static_cast<uint32_t>(r);
@@ -210,7 +227,7 @@ at::Tensor normal_grid(int64_t seed, int64_t offset, int64_t rows, int64_t cols,
   const Stream st = make_stream(seed, offset, static_cast<uint32_t>(stream));
   const Kernels& k = kernels();
   float* base = out.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
+  for_row_blocks(rows, cols, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) k.normal_row(st, static_cast<uint32_t>(r), cols, base + r * cols);
   });
   return out;
