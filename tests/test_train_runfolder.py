@@ -128,3 +128,23 @@ def test_first_nonfinite_names_the_tensor():
     state["opt"]["state"][0]["exp_avg"][1] = 0
     assert rf.first_nonfinite(state) is None
     assert rf.first_nonfinite({"x": torch.tensor(float("nan"), dtype=torch.bfloat16)}) == "x"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                                   torch.complex64, torch.float8_e5m2], ids=str)
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_first_nonfinite_finds_each_kind_in_each_dtype(dtype, bad):
+    def tensor(value=None):
+        t = torch.randn(7, 5).t()  # not contiguous
+        if value is not None:
+            t[3, 2] = value
+        return t.to(dtype)
+
+    assert rf.first_nonfinite({"a": tensor(), "empty": torch.empty(0, dtype=dtype)}) is None
+    assert rf.first_nonfinite({"a": tensor(), "b": tensor(float(bad)), "c": tensor(float(bad))}) == "b"
+    if dtype.is_complex:  # in the imaginary part only
+        t = tensor()
+        t[1, 1] = complex(0.0, float(bad))
+        assert rf.first_nonfinite([tensor(), t]) == "1"
+    real = torch.float32 if dtype.is_complex else dtype  # the largest finite value is finite
+    assert rf.first_nonfinite({"max": torch.full((3,), torch.finfo(real).max, dtype=real).to(dtype)}) is None

@@ -578,6 +578,22 @@ def load_file(path: str, what: str = "checkpoint", mmap: bool = False):
 
 
 # ----------------------------------------------------------------------------- finite weights
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor: no NaN or inf in ``t``. One pass of ``aminmax`` (NaN propagates into
+    both, +-inf are the extremes), about 10x faster on the CPU than ``isfinite().all()``, which
+    writes a bool tensor of t's size first. Complex tensors are read as their real pairs; dtypes
+    without aminmax (float8, whose isfinite is missing too) are read in float32, which holds them."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    if t.is_complex():
+        t = torch.view_as_real(t.resolve_conj())
+    try:
+        lo, hi = torch.aminmax(t)
+    except (RuntimeError, NotImplementedError):
+        lo, hi = torch.aminmax(t.float())
+    return lo.isfinite() & hi.isfinite()
+
+
 def first_nonfinite(tensors) -> Optional[str]:
     """The name of the first floating tensor with a NaN or inf in ``tensors`` (a dict, possibly
     nested, e.g. a model's or an optimizer's ``state_dict``), or None. One device sync."""
@@ -604,6 +620,6 @@ def first_nonfinite(tensors) -> Optional[str]:
         by_device.setdefault(t.device, []).append(i)
     bad = []
     for idx in by_device.values():
-        ok = torch.stack([flat[i][1].detach().isfinite().all() for i in idx]).cpu()
+        ok = torch.stack([_all_finite(flat[i][1].detach()) for i in idx]).cpu()
         bad.extend(idx[j] for j in range(len(idx)) if not bool(ok[j]))
     return flat[min(bad)][0] if bad else None
