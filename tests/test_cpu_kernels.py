@@ -141,7 +141,8 @@ def test_one_two_and_three_threads_give_the_same_bits(rows):
     got = []
     for n in (1, 2, 3):
         with _threads(n):
-            got.append((_cpu.normal_grid(5, 6, rows, 1031), _cpu.noisy_weight(w, sigma, MODE_ROW, 5, 6, BF16)))
+            got.append((_cpu.normal_grid(5, 6, rows, 1031),
+                        _cpu.noisy_weight(w, sigma, MODE_ROW, 5, 6, BF16)))
     want = rng.normal_grid(5, 6, rows, 1031).double()
     for z, n in got:  # every row written (not left from an earlier buffer), then the same bits
         assert ((z.double() - want).abs() <= 3 * EPS32 * want.abs()).all()
