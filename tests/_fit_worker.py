@@ -26,18 +26,19 @@ SETTINGS = {"epochs": 2, "batch_size": 64, "spec": fastnoise.NoiseSpec(eta=0.1),
 class UserNet(nn.Module):
     """Not one of the package's models: a named submodule (``body``) for consistency."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, dropout: float = 0.0):
         super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU())
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(),
+                                  *([nn.Dropout(dropout)] if dropout else []))
         self.head = nn.Linear(width, CLASSES)
 
     def forward(self, x):
         return self.head(self.body(x))
 
 
-def make_model(seed: int = 1) -> UserNet:
+def make_model(seed: int = 1, dropout: float = 0.0) -> UserNet:
     torch.manual_seed(seed)
-    return UserNet()
+    return UserNet(dropout=dropout)
 
 
 def make_data():
@@ -57,15 +58,15 @@ def make_teacher() -> UserNet:
     return t
 
 
-def run(out, method, resume=False, stop_at_step=None, **kw):
+def run(out, method, resume=False, stop_at_step=None, dropout=0.0, **kw):
     train, val = make_data()
     settings = dict(SETTINGS)
     settings.update(kw)
     teacher = make_teacher() if method == "kd" else None
     if method == "consistency":
         method = {"name": "consistency", "layers": ["body"]}
-    return fit(make_model(), train, val, method=method, teacher=teacher, out_dir=out, resume=resume,
-               stop_at_step=stop_at_step, messages=lambda m: None, **settings)
+    return fit(make_model(dropout=dropout), train, val, method=method, teacher=teacher, out_dir=out,
+               resume=resume, stop_at_step=stop_at_step, messages=lambda m: None, **settings)
 
 
 def main(out: str, method: str, flags: list) -> None:

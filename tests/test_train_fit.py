@@ -77,6 +77,22 @@ def test_each_method_resumes_exactly(tmp_path, method):
             assert not any(x._forward_hooks for x in m.modules())
 
 
+def test_dropout_resumes_exactly_after_the_process_drew_on(tmp_path):
+    """torch's RNG (dropout's masks) and the noise seed come back from the checkpoint: reseeded
+    and drawn from in between, the resumed run is still the one that did not stop."""
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    a = run(full, "noise", dropout=0.3)
+    run(split, "noise", dropout=0.3, stop_at_step=6)
+    torch.manual_seed(999)
+    fastnoise.manual_seed(999)
+    torch.rand(5)
+    b = run(split, "noise", dropout=0.3, resume=True)
+    _same_run(full, split, _weights(a), _weights(b))
+    c = run(str(tmp_path / "plain"), "noise")  # dropout is on in training: the masks move the run
+    assert _rows(os.path.join(full, "steps.csv")) != _rows(os.path.join(str(tmp_path / "plain"), "steps.csv"))
+    assert not torch.equal(_weights(a)["head.weight"], _weights(c)["head.weight"])
+
+
 def test_resume_in_a_fresh_process(tmp_path):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     a = run(full, "kd")
