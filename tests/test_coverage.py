@@ -23,6 +23,7 @@ import warnings
 
 import pytest
 import torch
+from _wrappers import MHA, RNNOutput
 from torch import nn
 
 import fastnoise
@@ -69,25 +70,6 @@ class _HFLogits(nn.Module):
         return self.model(input_ids=ids).logits
 
 
-class _MHA(nn.Module):
-    def __init__(self, **kw):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True, **kw)
-
-    def forward(self, q, k, v):
-        return self.attn(q, k, v)[0]
-
-
-class _RNN(nn.Module):
-    def __init__(self, rnn):
-        super().__init__()
-        self.rnn = rnn
-
-    def forward(self, x):
-        out = self.rnn(x)
-        return out[0] if isinstance(out, tuple) else out
-
-
 def _tiny_vit():
     return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                                 hidden_dim=32, mlp_dim=48, num_classes=10)
@@ -107,13 +89,13 @@ MODELS = {
     "TransformerEncoder": (lambda: nn.TransformerEncoder(
         nn.TransformerEncoderLayer(16, 2, 24, batch_first=True), 2, enable_nested_tensor=False),
         lambda: (_g(2, 5, 16),)),
-    "MultiheadAttention-packed": (lambda: _MHA(), lambda: (_g(2, 5, 16),) * 3),
-    "MultiheadAttention-kdim-vdim": (lambda: _MHA(kdim=12, vdim=10, bias=True),
+    "MultiheadAttention-packed": (lambda: MHA(16), lambda: (_g(2, 5, 16),) * 3),
+    "MultiheadAttention-kdim-vdim": (lambda: MHA(16, kdim=12, vdim=10, bias=True),
                                      lambda: (_g(2, 5, 16), _g(2, 4, 12), _g(2, 4, 10))),
-    "LSTM": (lambda: _RNN(nn.LSTM(6, 7, num_layers=2, bidirectional=True)), lambda: (_g(5, 2, 6),)),
-    "LSTM-proj": (lambda: _RNN(nn.LSTM(6, 7, proj_size=3, batch_first=True)), lambda: (_g(2, 5, 6),)),
-    "GRU": (lambda: _RNN(nn.GRU(6, 7, num_layers=2)), lambda: (_g(5, 2, 6),)),
-    "RNN": (lambda: _RNN(nn.RNN(6, 7, nonlinearity="relu")), lambda: (_g(5, 2, 6),)),
+    "LSTM": (lambda: RNNOutput(nn.LSTM(6, 7, num_layers=2, bidirectional=True)), lambda: (_g(5, 2, 6),)),
+    "LSTM-proj": (lambda: RNNOutput(nn.LSTM(6, 7, proj_size=3, batch_first=True)), lambda: (_g(2, 5, 6),)),
+    "GRU": (lambda: RNNOutput(nn.GRU(6, 7, num_layers=2)), lambda: (_g(5, 2, 6),)),
+    "RNN": (lambda: RNNOutput(nn.RNN(6, 7, nonlinearity="relu")), lambda: (_g(5, 2, 6),)),
     "cells": (lambda: nn.ModuleDict({"a": nn.LSTMCell(6, 7), "b": nn.GRUCell(7, 5), "c": nn.RNNCell(5, 4)}),
               lambda: (_g(3, 6),)),
     "Conv1d": (lambda: nn.Conv1d(5, 7, 3, padding=1), lambda: (_g(2, 5, 11),)),

@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+from _wrappers import MHA, RNNOutput
 from torch import nn
 
 import fastnoise
@@ -24,25 +25,6 @@ from fastnoise.modules import counter_name
 SCALES = ("range", "absmax", "absmax_per_channel", "proportional")
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5),
        torch.bfloat16: dict(rtol=4e-2, atol=4e-2)}
-
-
-class _MHA(nn.Module):
-    def __init__(self, **kw):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(14, 2, batch_first=True, **kw)
-
-    def forward(self, q, k, v):
-        return self.attn(q, k, v)[0]
-
-
-class _RNN(nn.Module):
-    def __init__(self, rnn):
-        super().__init__()
-        self.rnn = rnn
-
-    def forward(self, x):
-        out = self.rnn(x)
-        return out[0] if isinstance(out, tuple) else out
 
 
 class _Raw(nn.Module):
@@ -72,13 +54,14 @@ CASES = {
     "convtranspose1d": (lambda: nn.ConvTranspose1d(5, 7, 3, stride=2, output_padding=1), [(2, 5, 9)]),
     "convtranspose2d": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1), [(2, 4, 5, 3)]),
     "convtranspose2d-groups": (lambda: nn.ConvTranspose2d(4, 6, 3, groups=2), [(2, 4, 5, 5)]),
-    "lstm-2layer-bidirectional": (lambda: _RNN(nn.LSTM(5, 7, num_layers=2, bidirectional=True)), [(4, 3, 5)]),
-    "lstm-proj": (lambda: _RNN(nn.LSTM(5, 7, proj_size=3, batch_first=True)), [(3, 4, 5)]),
-    "gru": (lambda: _RNN(nn.GRU(5, 7)), [(4, 3, 5)]),
-    "rnn-relu": (lambda: _RNN(nn.RNN(5, 7, nonlinearity="relu")), [(4, 3, 5)]),
-    "lstmcell": (lambda: _RNN(nn.LSTMCell(5, 7)), [(3, 5)]),
-    "mha-packed": (lambda: _MHA(), [(2, 5, 14)] * 3),
-    "mha-kdim-vdim": (lambda: _MHA(kdim=6, vdim=5), [(2, 5, 14), (2, 3, 6), (2, 3, 5)]),
+    "lstm-2layer-bidirectional": (lambda: RNNOutput(nn.LSTM(5, 7, num_layers=2, bidirectional=True)),
+                                  [(4, 3, 5)]),
+    "lstm-proj": (lambda: RNNOutput(nn.LSTM(5, 7, proj_size=3, batch_first=True)), [(3, 4, 5)]),
+    "gru": (lambda: RNNOutput(nn.GRU(5, 7)), [(4, 3, 5)]),
+    "rnn-relu": (lambda: RNNOutput(nn.RNN(5, 7, nonlinearity="relu")), [(4, 3, 5)]),
+    "lstmcell": (lambda: RNNOutput(nn.LSTMCell(5, 7)), [(3, 5)]),
+    "mha-packed": (lambda: MHA(14), [(2, 5, 14)] * 3),
+    "mha-kdim-vdim": (lambda: MHA(14, kdim=6, vdim=5), [(2, 5, 14), (2, 3, 6), (2, 3, 5)]),
     "bilinear": (lambda: nn.Bilinear(5, 4, 3), [(3, 5), (3, 4)]),
     "hf-conv1d": (_hf_conv1d, [(2, 3, 5)]),
     "raw-weight-views": (_Raw, [(3, 5)]),
