@@ -15,40 +15,15 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
+from _baselines import clean_backend_swaps
 
 import fastnoise
-from fastnoise import _backends
-
-
-def _linear_backward(grad, x, w, sigma, mode, seed, offset, need_x, need_w, need_b):
-    return (grad @ w if need_x else None, grad.t() @ x if need_w else None,
-            grad.sum(0) if need_b else None)
-
-
-def _conv_forward(x, w, b, sigma, mode, noise_bias, seed, offset, stride, padding, dilation, groups):
-    return F.conv2d(x, w, b, stride, padding, dilation, groups)
-
-
-def _swap_backends() -> None:
-    linears, convs = [_backends.REFERENCE_LINEAR], [_backends.REFERENCE_CONV2D]
-    try:
-        from fastnoise import _backends_cpu
-
-        linears.append(_backends_cpu.CPU_LINEAR)
-        convs.append(_backends_cpu.CPU_CONV2D)
-    except ImportError:  # a checkout before the C++ CPU path
-        pass
-    for t in linears:
-        t.forward = lambda x, w, b, *a: F.linear(x, w, b)
-        t.backward = _linear_backward
-    for t in convs:
-        t.forward = _conv_forward
 
 
 def main(case: str) -> float:
     torch.set_num_threads(1)
-    _swap_backends()
+    for target, name, value in clean_backend_swaps():
+        setattr(target, name, value)
     torch.manual_seed(0)
     ctx = []
     if case == "linear-eval":

@@ -36,6 +36,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _baselines import Medians, naive_classes
 from torch import nn
 
 import fastnoise
@@ -47,7 +48,8 @@ pytest.importorskip("pytest_benchmark")
 ETA = 0.05
 SPEC = fastnoise.NoiseSpec(ETA, "absmax")
 PROVIDERS = ["clean", "naive", "fastnoise"]
-_MEDIANS: dict = {}
+MEDIANS = Medians()
+_MEDIANS = MEDIANS.by_key  # also for the rows that are not ratios to clean / naive
 
 
 @pytest.fixture(autouse=True)
@@ -58,31 +60,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _record(benchmark, key, provider, bases=("clean", "naive")):
-    _MEDIANS[key + (provider,)] = benchmark.stats.stats.median
-    for base in bases:
-        other = _MEDIANS.get(key + (base,))
-        if other and base != provider:
-            benchmark.extra_info[f"ratio_vs_{base}"] = round(_MEDIANS[key + (provider,)] / other, 3)
-
-
 # ----------------------------------------------------------------------------- providers
-class _Naive:
-    """``W + eta * max|W| * randn_like(W)`` in every call (noisy in eval mode too)."""
-
-    def forward(self, x):
-        w = self.weight
-        return self._op(x, w + ETA * w.detach().abs().max() * torch.randn_like(w))
-
-
-class NaiveLinear(_Naive, nn.Linear):
-    def _op(self, x, w):
-        return F.linear(x, w, self.bias)
-
-
-class NaiveConv2d(_Naive, nn.Conv2d):
-    def _op(self, x, w):
-        return self._conv_forward(x, w, self.bias)
+NaiveLinear, NaiveConv2d = naive_classes(lambda w: ETA * w.detach().abs().max())  # SPEC's sigma
 
 
 def _naive(model: nn.Module) -> nn.Module:
@@ -153,13 +132,8 @@ def test_generation_threads(benchmark, provider, threads):
 
 
 # ----------------------------------------------------------------------------- layers
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("step", ["forward", "forward_backward"])
-@pytest.mark.parametrize("m", [1, 16, 256, 2048])
-def test_linear_1024(benchmark, m, step, provider):
-    layer = _as(provider, nn.Linear(1024, 1024)).train()
-    x = torch.randn(m, 1024)
-    benchmark.group = f"Linear 1024, M={m}, {step}"
+def _layer_step(layer, x, step):
+    """The timed call: a forward without grad, or a forward and backward (into x too)."""
     if step == "forward":
         def run():
             with torch.no_grad():
@@ -169,8 +143,18 @@ def test_linear_1024(benchmark, m, step, provider):
 
         def run():
             layer(x).sum().backward()
-    benchmark(run)
-    _record(benchmark, ("linear", m, step), provider)
+    return run
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("step", ["forward", "forward_backward"])
+@pytest.mark.parametrize("m", [1, 16, 256, 2048])
+def test_linear_1024(benchmark, m, step, provider):
+    layer = _as(provider, nn.Linear(1024, 1024)).train()
+    x = torch.randn(m, 1024)
+    benchmark.group = f"Linear 1024, M={m}, {step}"
+    benchmark(_layer_step(layer, x, step))
+    MEDIANS.record(benchmark, ("linear", m, step), provider)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -180,17 +164,8 @@ def test_conv2d_64x64_3x3(benchmark, batch, step, provider):
     layer = _as(provider, nn.Conv2d(64, 64, 3, padding=1)).train()
     x = torch.randn(batch, 64, 32, 32)
     benchmark.group = f"Conv2d 64->64 3x3 32x32, batch {batch}, {step}"
-    if step == "forward":
-        def run():
-            with torch.no_grad():
-                layer(x)
-    else:
-        x.requires_grad_()
-
-        def run():
-            layer(x).sum().backward()
-    benchmark(run)
-    _record(benchmark, ("conv", batch, step), provider)
+    benchmark(_layer_step(layer, x, step))
+    MEDIANS.record(benchmark, ("conv", batch, step), provider)
 
 
 # ----------------------------------------------------------------------------- resnet18
@@ -213,7 +188,7 @@ def test_resnet18_train_step(benchmark, provider):
 
     benchmark.group = "resnet18 train step, 32x32, batch 32"
     benchmark.pedantic(step, rounds=8, warmup_rounds=2)
-    _record(benchmark, ("resnet18", "train"), provider)
+    MEDIANS.record(benchmark, ("resnet18", "train"), provider)
 
 
 DRAWS = 10
@@ -248,7 +223,7 @@ def test_resnet18_robustness_pass(benchmark, provider):
 
     benchmark.group = "resnet18 eval, 256 images x 10 draws"
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
-    _record(benchmark, ("resnet18", "robustness"), provider)
+    MEDIANS.record(benchmark, ("resnet18", "robustness"), provider)
 
 
 # ----------------------------------------------------------------------------- live peak memory
@@ -294,4 +269,4 @@ def test_mlp16_train_step_peak_memory(benchmark, provider):
         other = _MEDIANS.get(("mlp16", "peak", base))
         if other and base != provider:
             benchmark.extra_info[f"peak_ratio_vs_{base}"] = round(peak / other, 3)
-    _record(benchmark, ("mlp16", "train"), provider)
+    MEDIANS.record(benchmark, ("mlp16", "train"), provider)

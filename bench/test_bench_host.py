@@ -20,63 +20,31 @@ then the host cost of one call plus that of the clean op itself, comparable acro
 import pytest
 import torch
 import torch.nn.functional as F
+from _baselines import Medians, clean_backend_swaps, naive_classes
 from torch import nn
 
 import fastnoise
-from fastnoise import _backends, _backends_cpu
 
 pytestmark = pytest.mark.host  # runs without a GPU (bench/conftest.py)
 pytest.importorskip("pytest_benchmark")
 
 ETA = 0.05
-_MEDIANS: dict = {}
-
-
-def _linear_backward(grad, x, w, sigma, mode, seed, offset, need_x, need_w, need_b):
-    return (grad @ w if need_x else None, grad.t() @ x if need_w else None,
-            grad.sum(0) if need_b else None)
-
-
-def _conv_forward(x, w, b, sigma, mode, noise_bias, seed, offset, stride, padding, dilation,
-                  groups):
-    return F.conv2d(x, w, b, stride, padding, dilation, groups)
+MEDIANS = Medians()
 
 
 @pytest.fixture(autouse=True)
 def _clean_kernels(monkeypatch):
     """The CPU backends (the reference and the C++ path) swapped for the clean ops: no noise math
     is timed."""
-    monkeypatch.setattr(_backends.REFERENCE_LINEAR, "forward",
-                        lambda x, w, b, *args: F.linear(x, w, b))
-    monkeypatch.setattr(_backends.REFERENCE_LINEAR, "backward", _linear_backward)
-    monkeypatch.setattr(_backends.REFERENCE_CONV2D, "forward", _conv_forward)
-    # the CPU's C++ path (what `auto` takes when it is built) likewise
-    monkeypatch.setattr(_backends_cpu.CPU_LINEAR, "forward", lambda x, w, b, *args: F.linear(x, w, b))
-    monkeypatch.setattr(_backends_cpu.CPU_LINEAR, "backward", _linear_backward)
-    monkeypatch.setattr(_backends_cpu.CPU_CONV2D, "forward", _conv_forward)
+    for target, name, value in clean_backend_swaps():
+        monkeypatch.setattr(target, name, value)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-class _Naive:
-    """``W + eta * (max W - min W) * randn_like(W)`` in every call."""
-
-    def forward(self, x):
-        w = self.weight
-        noisy = w + ETA * (w.max() - w.min()) * torch.randn_like(w)
-        return self._op(x, noisy)
-
-
-class NaiveLinear(_Naive, nn.Linear):
-    def _op(self, x, w):
-        return F.linear(x, w, self.bias)
-
-
-class NaiveConv2d(_Naive, nn.Conv2d):
-    def _op(self, x, w):
-        return self._conv_forward(x, w, self.bias)
+NaiveLinear, NaiveConv2d = naive_classes(lambda w: ETA * (w.max() - w.min()))  # the range scale
 
 
 def _layers(kind):
@@ -89,14 +57,6 @@ def _layers(kind):
             "fastnoise": fastnoise.Conv2d(*args, padding=1)}, x
 
 
-def _record(benchmark, key, provider):
-    _MEDIANS[key + (provider,)] = benchmark.stats.stats.median
-    for base in ("clean", "naive"):
-        other = _MEDIANS.get(key + (base,))
-        if other and base != provider:
-            benchmark.extra_info[f"ratio_vs_{base}"] = _MEDIANS[key + (provider,)] / other
-
-
 @pytest.mark.parametrize("provider", ["clean", "naive", "fastnoise"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_host_eval_call(benchmark, kind, provider):
@@ -106,7 +66,7 @@ def test_host_eval_call(benchmark, kind, provider):
     benchmark.group = f"host {kind} eval (no grad)"
     with torch.no_grad(), fastnoise.noise(eta=ETA, draw=3):  # entered once, as an evaluation does
         benchmark(layer, x)
-    _record(benchmark, (kind, "eval"), provider)
+    MEDIANS.record(benchmark, (kind, "eval"), provider)
 
 
 @pytest.mark.parametrize("provider", ["clean", "naive", "fastnoise"])
@@ -121,7 +81,7 @@ def test_host_train_step_linear(benchmark, provider):
 
     benchmark.group = "host linear train (forward + backward)"
     benchmark(step)
-    _record(benchmark, ("linear", "train"), provider)
+    MEDIANS.record(benchmark, ("linear", "train"), provider)
 
 
 # ----------------------------------------------------------------------------- reaching every use
@@ -183,10 +143,7 @@ def test_host_reach_a_weight(benchmark, provider):
     benchmark.group = "host: how an eval call reaches its weight"
     with torch.no_grad(), fastnoise.noise(eta=ETA, draw=3):
         benchmark(model, x)
-    _MEDIANS[("reach", provider)] = benchmark.stats.stats.median
-    base = _MEDIANS.get(("reach", "drop-in"))
-    if base and provider != "drop-in":
-        benchmark.extra_info["ratio_vs_drop_in"] = _MEDIANS[("reach", provider)] / base
+    MEDIANS.record(benchmark, ("reach",), provider, bases=("drop-in",))
 
 
 def _mlp(provider):
@@ -208,8 +165,4 @@ def test_host_scope_of_a_converted_model(benchmark, provider):
     benchmark.group = "host: 3-layer MLP eval call (noise scope cost)"
     with torch.no_grad(), fastnoise.noise(eta=ETA, draw=3):
         benchmark(model, x)
-    _MEDIANS[("mlp", provider)] = benchmark.stats.stats.median
-    for base in ("clean", "layers"):
-        other = _MEDIANS.get(("mlp", base))
-        if other and base != provider:
-            benchmark.extra_info[f"ratio_vs_{base}"] = _MEDIANS[("mlp", provider)] / other
+    MEDIANS.record(benchmark, ("mlp",), provider, bases=("clean", "layers"))
