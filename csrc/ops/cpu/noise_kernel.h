@@ -185,20 +185,20 @@ struct Io<F16> {
 
 // ---------------------------------------------------------------------------- w + sigma z
 // the reference's order of operations: s = sigma (or sigma * |w|), then w + s * z, in float32
+template <Scale S>
+static inline float noisy_value(float v, float z, float sigma, const float* __restrict sigma_col,
+                                int64_t j) {
+  const float s = S == Scale::Scalar      ? sigma
+                  : S == Scale::PerColumn ? sigma_col[j]
+                                          : sigma * __builtin_fabsf(v);
+  return v + s * z;
+}
+
 template <typename In, typename Out, Scale S>
 static inline void apply_contiguous(const In* __restrict w, Out* __restrict o, const float* __restrict z,
                                     int64_t n, float sigma, const float* __restrict sigma_col) {
   for (int64_t j = 0; j < n; ++j) {
-    const float v = Io<In>::get(w, j);
-    float s;
-    if (S == Scale::Scalar) {
-      s = sigma;
-    } else if (S == Scale::PerColumn) {
-      s = sigma_col[j];
-    } else {
-      s = sigma * __builtin_fabsf(v);
-    }
-    Io<Out>::put(o, j, v + s * z[j]);
+    Io<Out>::put(o, j, noisy_value<S>(Io<In>::get(w, j), z[j], sigma, sigma_col, j));
   }
 }
 
@@ -208,16 +208,7 @@ static inline void apply_strided(const In* __restrict w, const int64_t* __restri
                                  const float* __restrict z, int64_t n, float sigma,
                                  const float* __restrict sigma_col) {
   for (int64_t j = 0; j < n; ++j) {
-    const float v = Io<In>::get(w, w_off[j]);
-    float s;
-    if (S == Scale::Scalar) {
-      s = sigma;
-    } else if (S == Scale::PerColumn) {
-      s = sigma_col[j];
-    } else {
-      s = sigma * __builtin_fabsf(v);
-    }
-    Io<Out>::put(o, o_off[j], v + s * z[j]);
+    Io<Out>::put(o, o_off[j], noisy_value<S>(Io<In>::get(w, w_off[j]), z[j], sigma, sigma_col, j));
   }
 }
 
