@@ -468,6 +468,11 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
               f"{cfg['model']['arch']}; students trained at eta={eta:g} ({cfg['noise']['scale']} scale) "
               f"from one clean teacher; mean ± std over {len(seeds)} seeds x {draws} chips per seed "
               f"(seeds {', '.join(map(str, seeds))})")
+    return _finish(study, header, cfg, out, log)
+
+
+def _finish(study: StudyResult, header: str, cfg: dict, out: str, log) -> StudyResult:
+    """The tables under ``header``: into the result, OUT/accuracies.csv, OUT/tables.md and ``log``."""
     study.tables = format_tables(study, header)
     _write_outputs(study, cfg, os.path.join(out, "accuracies.csv"))
     with open(os.path.join(out, "tables.md"), "w") as f:
@@ -633,9 +638,4 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
     header = (f"{cfg['name']}: top-1 (%) on {samples} held-out samples; students trained at "
               f"eta={eta:g} ({cfg['noise']['scale']} scale) from one clean teacher; mean ± std over "
               f"{len(seeds)} seeds x {draws} chips per seed (seeds {', '.join(map(str, seeds))})")
-    study.tables = format_tables(study, header)
-    _write_outputs(study, cfg, os.path.join(out, "accuracies.csv"))
-    with open(os.path.join(out, "tables.md"), "w") as f:
-        f.write(study.tables + "\n")
-    messages(study.tables)
-    return study
+    return _finish(study, header, cfg, out, messages)
