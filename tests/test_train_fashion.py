@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_train_errors import _fails
 
 from fastnoise.cli import main
 from fastnoise.train import data as D
@@ -96,15 +97,6 @@ def test_augmentation_is_a_seeded_flip_and_shift(tmp_path):
         seen.add(match[0])
     assert torch.equal(torch.get_rng_state(), state)  # the process's RNG untouched
     assert len(seen) > 10  # the seeds give different crops and flips
-
-
-def _fails(capsys, argv, *fragments):
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("fastnoise: error: "), err
-    for frag in fragments:
-        assert frag in err, f"{frag!r} not in {err!r}"
 
 
 @pytest.mark.parametrize("kind", ["magic", "truncated", "longer", "counts", "label", "size", "not-gzip",
