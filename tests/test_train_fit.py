@@ -244,10 +244,10 @@ def test_two_gloo_processes_train_what_one_does(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the study on fit
-def _study(out, model, **kw):
+def _study(out, model, data=None, **kw):
     from fastnoise.train import fit_study
 
-    train, val = make_data()
+    train, val = data or make_data()
     settings = {k: v for k, v in SETTINGS.items() if k not in ("epochs", "eval")}
     settings.update(kw)
     return fit_study(model, train, val, out=out, seeds=(0, 1), draws=2, epochs=1,
@@ -281,6 +281,9 @@ def test_fit_study_on_a_model_builder(tmp_path):
         _study(out, UserNet, teacher_epochs=1)
     with pytest.raises(ConfigError, match="its config differ"):
         _study(out, UserNet, teacher_epochs=1, resume=True, optim={"lr": 0.01})
+    other_structure = r"the model is not the study's \(its state: \['body.1.weight', \[16, 64\]"
+    with pytest.raises(ConfigError, match=other_structure):
+        _study(out, lambda: UserNet(width=16), teacher_epochs=1, resume=True)
 
 
 def test_fit_study_on_a_model_to_copy_and_a_given_teacher(tmp_path):
@@ -292,6 +295,22 @@ def test_fit_study_on_a_model_to_copy_and_a_given_teacher(tmp_path):
     assert st.models == ["teacher", "noise", "kd"]
     assert {n: p.requires_grad for n, p in teacher.named_parameters()} == flags and not noisy_layers(teacher)
     assert not noisy_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # a resume must be given the same model, teacher and data
+    other_teacher = make_teacher()
+    with torch.no_grad():
+        other_teacher.head.bias[0] += 1e-3
+    train, val = make_data()
+    refused = [({"model": make_model(seed=5)}, "the model to copy holds other weights"),
+               ({"teacher": other_teacher}, "the teacher is not the study's"),
+               ({"data": (torch.utils.data.Subset(train, range(200)), val)},
+                "the training data has 200 samples, the study's had 256"),
+               ({"data": (train, torch.utils.data.Subset(val, range(10)))}, "the validation data has 10")]
+    for change, match in refused:
+        given = {"model": model, "teacher": teacher, **change}
+        with pytest.raises(ConfigError, match=match):
+            _study(str(tmp_path / "s"), given.pop("model"), methods=("noise", "kd"), resume=True, **given)
+    again = _study(str(tmp_path / "s"), model, teacher=teacher, methods=("noise", "kd"), resume=True)
+    assert again.tables == st.tables
     with pytest.raises(ConfigError, match="needs a teacher"):
         _study(str(tmp_path / "t"), model)
     with pytest.raises(ConfigError, match="seed is set by the study"):

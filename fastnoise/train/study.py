@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import csv
 import functools
+import hashlib
 import json
 import math
 import os
@@ -285,6 +286,61 @@ def _check_out(out: str, settings: dict, resume: bool) -> None:
         if saved.get(key) != now.get(key):
             raise ConfigError(f"cannot resume study {out!r} with other settings: its {key} differ "
                               f"({MARKER} has {saved.get(key)!r}, now {now.get(key)!r})")
+    if "given" in saved and "given" in now:  # fit_study: the same model, teacher and data
+        _check_given(out, saved["given"], now["given"])
+
+
+def _state_layout(module: torch.nn.Module) -> list:
+    """[name, shape, dtype] of each entry of a module's state: its structure, not its values."""
+    return [[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in module.state_dict().items()]
+
+
+def _state_digest(module: torch.nn.Module) -> str:
+    """A digest of a module's state values (bytes on the CPU), for a model that is given as is."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        t = v.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + str(list(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _data_size(data) -> Optional[int]:
+    dataset = data.dataset if isinstance(data, torch.utils.data.DataLoader) else data
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def _given(model: torch.nn.Module, model_is_copied: bool, teacher, train_data, val_data) -> dict:
+    """What a resumed fit_study must be given again, as saved in its marker: the students'
+    model (its structure; its values too when every student copies it), the given teacher's
+    values, and the sizes of the training and validation data (not their contents: a dataset's
+    items may be drawn at random)."""
+    return {"model": _state_layout(model), "model_values": _state_digest(model) if model_is_copied else None,
+            "teacher": _state_digest(teacher) if teacher is not None else None,
+            "train_size": _data_size(train_data), "val_size": _data_size(val_data)}
+
+
+def _check_given(out: str, saved: dict, now: dict) -> None:
+    start = f"cannot resume study {out!r}: "
+    if saved["model"] != now["model"]:
+        first = next(((n, o) for n, o in zip(now["model"], saved["model"], strict=False) if n != o), None)
+        what = (f"{first[0]} now, {first[1]} in {MARKER}" if first else
+                f"{len(now['model'])} entries now, {len(saved['model'])} in {MARKER}")
+        raise ConfigError(start + f"the model is not the study's (its state: {what}); give the same "
+                          "model or builder")
+    if saved["model_values"] != now["model_values"]:
+        raise ConfigError(start + "the model to copy holds other weights than the study's; give the "
+                          "same model")
+    if saved["teacher"] != now["teacher"]:
+        raise ConfigError(start + "the teacher is not the study's (other weights); give the same teacher")
+    for key, what in (("train_size", "training"), ("val_size", "validation")):
+        if saved[key] != now[key]:
+            raise ConfigError(start + f"the {what} data has {now[key]} samples, the study's had "
+                              f"{saved[key]}; give the same data")
 
 
 def _train(cfg: dict, run_dir: str, progress: bool, device, log) -> None:
@@ -525,8 +581,11 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
             needs ``layers``.
         spec, epochs, batch_size, device, messages, **settings: as :func:`fit` (``settings``
             without ``seed``: the study sets it).
-        out: the study folder; ``resume=True`` continues one (the same model, data and
-            settings must be given again: only the settings are checked).
+        out: the study folder; ``resume=True`` continues one: the same model, teacher, data
+            and settings must be given again. Checked: the settings, the model's structure
+            (its state's names, shapes and dtypes; its values too for a model to copy), a given
+            teacher's values, and the sizes of both datasets (their contents are not: items may
+            be drawn at random).
     Returns a :class:`StudyResult` (its ``tables`` were printed through ``messages``).
     """
     from .fitting import fit, fit_config
@@ -557,10 +616,6 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
     etas = _check_etas(etas, eta, "")
     spec = NoiseSpec(eta=eta, scale=cfg["noise"]["scale"], noise_bias=cfg["noise"]["noise_bias"])
     exclude = cfg["noise"]["exclude"] or None
-    study_settings = _settings(cfg, seeds, etas, draws, methods)
-    study_settings["teacher"] = "given" if teacher is not None else {"epochs": teacher_epochs}
-    _check_out(out, study_settings, resume)
-
     def fresh(seed: int) -> torch.nn.Module:
         if isinstance(model, torch.nn.Module):
             m = copy.deepcopy(model)
@@ -573,6 +628,12 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
             raise ConfigError("the model already has noisy layers: give the study a clean model (the "
                               "students are converted with spec)")
         return m
+
+    study_settings = _settings(cfg, seeds, etas, draws, methods)
+    study_settings["teacher"] = "given" if teacher is not None else {"epochs": teacher_epochs}
+    study_settings["given"] = _given(fresh(seeds[0]), isinstance(model, torch.nn.Module), teacher,
+                                     train_data, val_data)
+    _check_out(out, study_settings, resume)
 
     def trained(seed: int, run_dir: str, noisy: bool = True) -> torch.nn.Module:
         """The model a run trained, from its model.pth (noisy layers keep torch's keys)."""
