@@ -616,6 +616,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
     etas = _check_etas(etas, eta, "")
     spec = NoiseSpec(eta=eta, scale=cfg["noise"]["scale"], noise_bias=cfg["noise"]["noise_bias"])
     exclude = cfg["noise"]["exclude"] or None
+
     def fresh(seed: int) -> torch.nn.Module:
         if isinstance(model, torch.nn.Module):
             m = copy.deepcopy(model)

@@ -592,7 +592,6 @@ class Trainer:
             err = e
         self._raise_from_any(err)
 
-
         # everything is checked: from here on files are written, under the folder's lock
         self._open_run_folder()
         distributed.barrier(self.dist)

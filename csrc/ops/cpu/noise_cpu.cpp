@@ -1,7 +1,8 @@
 // CPU implementations of the fastnoise_cpu ops (schemas in ../noise.cpp): argument checks, the
-// output, the rows of the GEMM view spread over threads in blocks taken as threads come free, and the choice
-// of kernel copy (AVX2 when the CPU has it, else the baseline). Each element is a pure function
-// of (seed, offset, stream, row, column), so the result does not depend on the thread count.
+// output, the rows of the GEMM view spread over threads in blocks taken as threads come free,
+// and the choice of kernel copy (AVX2 when the CPU has it, else the baseline). Each element is a
+// pure function of (seed, offset, stream, row, column), so the result does not depend on the
+// thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
