@@ -5,7 +5,7 @@
     fastnoise eval (--run DIR | --recipe NAME|FILE --weights FILE) [--data DIR] [--etas ...] [--draws N]
     fastnoise study --recipe NAME|FILE [--seeds 0 1 2] [--etas ...] [--draws N] [--out DIR] [--resume]
                     [--methods ...] [--data DIR] [--threads N] [key=value ...]
-    fastnoise recipes
+    fastnoise recipes [NAME|FILE]
 
 ``study`` trains one clean teacher, then a clean, a noise, a KD + noise and a consistency student
 from it per seed, measures every model on the same simulated chips at each eta and prints
@@ -44,13 +44,23 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+SETTINGS_HELP = ("Settings (the keys of key=value overrides and of recipe files, e.g. schedule.epochs=5): "
+                 "`fastnoise recipes NAME` prints every key of a recipe with its value and the "
+                 "recipe's file; docs/cli.md explains each key (defaults: "
+                 "fastnoise.train.recipes.DEFAULTS).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastnoise", description="Weight-noise training and robustness "
-                                     "evaluation (noise injection, KD + noise, consistency regularization).")
+                                     "evaluation (noise injection, KD + noise, consistency regularization).",
+                     epilog=SETTINGS_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="every method on scikit-learn's bundled digits, accuracy vs eta")
-    d.add_argument("--out", default="fastnoise-demo", help="output folder (default: fastnoise-demo)")
+    d = sub.add_parser("demo", help="every method on scikit-learn's bundled digits, accuracy vs eta",
+                       epilog=SETTINGS_HELP)
+    d.add_argument("--out", default="fastnoise-demo",
+                   help="output folder (default: fastnoise-demo); a folder an earlier demo wrote is "
+                   "replaced, any other existing folder is refused")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--epochs", type=int, default=None, help="student epochs (recipe: 15)")
     d.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (recipe: 20)")
@@ -61,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("overrides", nargs="*", help="digits-recipe overrides key=value")
 
-    t = sub.add_parser("train", help="train with a recipe")
+    t = sub.add_parser("train", help="train with a recipe", epilog=SETTINGS_HELP)
     t.add_argument("--recipe", default=None, help="a shipped recipe name or a YAML file")
     t.add_argument("--data", default=None, help="dataset folder (sets data.root)")
     t.add_argument("--out", default=None, help="run folder (default: runs/NAME)")
@@ -72,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(t)
     t.add_argument("overrides", nargs="*", help="key=value settings")
 
-    e = sub.add_parser("eval", help="robustness table of a trained model")
+    e = sub.add_parser("eval", help="robustness table of a trained model", epilog=SETTINGS_HELP)
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", default=None, help="a run folder (its config.yaml and weights)")
     src.add_argument("--recipe", default=None, help="a recipe, with --weights")
@@ -87,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key=value settings")
 
     st = sub.add_parser("study", help="every method from one teacher over seeds, on the same chips, "
-                        "with paired differences and confidence intervals")
+                        "with paired differences and confidence intervals", epilog=SETTINGS_HELP)
     st.add_argument("--recipe", required=True, help="a shipped recipe name or a YAML file")
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default 0 1 2)")
     st.add_argument("--etas", type=float, nargs="+", default=None,
@@ -103,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(st)
     st.add_argument("overrides", nargs="*", help="key=value settings")
 
-    sub.add_parser("recipes", help="list the shipped recipes")
+    r = sub.add_parser("recipes", help="list the shipped recipes; with NAME, print that recipe's every "
+                       "setting and its file", epilog=SETTINGS_HELP)
+    r.add_argument("name", nargs="?", default=None, help="a shipped recipe name or a YAML file")
     parser.commands = dict(sub.choices)
     return parser
 
@@ -263,11 +275,34 @@ def _cmd_study(args) -> int:
     return 0
 
 
-def _cmd_recipes(args) -> int:
-    from .train.recipes import list_recipes
+def _flat(cfg: dict, where: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{where}{key}."))
+        else:
+            out[f"{where}{key}"] = value
+    return out
 
-    for name in list_recipes():
-        print(name)
+
+def _cmd_recipes(args) -> int:
+    import json
+
+    from .train.recipes import DEFAULTS, list_recipes, load_recipe, recipe_path
+
+    if args.name is None:
+        for name in list_recipes():
+            print(name)
+        return 0
+    path = recipe_path(args.name)
+    cfg, defaults = _flat(load_recipe(args.name)), _flat(DEFAULTS)
+    print(f"# {path}")
+    print("# every setting of the run (key=value overrides take these keys; docs/cli.md explains them)")
+    lines = [f"{key}={json.dumps(value)}" for key, value in cfg.items()]  # JSON is YAML: as an override
+    width = max(map(len, lines))
+    for line, (key, value) in zip(lines, cfg.items(), strict=True):
+        same = value == defaults[key] and type(value) is type(defaults[key])
+        print(line if same else f"{line.ljust(width)}  # set by the recipe")
     return 0
 
 

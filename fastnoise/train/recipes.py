@@ -9,6 +9,7 @@ typed by YAML parsing. A key that :data:`DEFAULTS` does not list is an error nam
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import os
 import re
@@ -19,7 +20,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = ["ConfigError", "DEFAULTS", "METHODS", "list_recipes", "load_recipe", "apply_overrides",
-           "validate", "resolve", "load_config_file"]
+           "validate", "resolve", "load_config_file", "recipe_path", "setting_keys", "unknown_key"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -118,6 +119,43 @@ def list_recipes() -> list[str]:
     return sorted(p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith(".yaml"))
 
 
+def recipe_path(name_or_path: str) -> str:
+    """The file of a shipped recipe (by name) or the YAML file given (by path)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    entry = _recipe_dir().joinpath(f"{name_or_path}.yaml")
+    if not entry.is_file():
+        raise ConfigError(f"unknown recipe {name_or_path!r}; shipped recipes: "
+                          f"{', '.join(list_recipes())} (or give a YAML file path)")
+    return str(entry)
+
+
+def setting_keys(cfg: dict = DEFAULTS, where: str = "") -> list[str]:
+    """Every dotted key of a configuration (``schedule.epochs``, ...), in order."""
+    keys = []
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            keys += setting_keys(value, f"{where}{key}.")
+        else:
+            keys.append(f"{where}{key}")
+    return keys
+
+
+def unknown_key(name: str) -> ConfigError:
+    """The error of a key :data:`DEFAULTS` does not list, with the close ones it does list
+    (by the whole dotted name, and by its last part: ``epochs`` -> ``schedule.epochs``)."""
+    keys = setting_keys()
+    close = difflib.get_close_matches(name, keys, n=3, cutoff=0.6)
+    leaf = name.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys if "." in k}
+    for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75):
+        if by_leaf[m] not in close:
+            close.append(by_leaf[m])
+    hint = f"; did you mean {' or '.join(close[:3])}?" if close else ""
+    return ConfigError(f"unknown configuration key {name!r}{hint} (every key and its default: "
+                       "`fastnoise recipes NAME`, docs/cli.md)")
+
+
 def load_config_file(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -137,7 +175,7 @@ def _merge(base: dict, update: dict, where: str = "") -> None:
     for key, value in update.items():
         name = f"{where}{key}"
         if key not in base:
-            raise ConfigError(f"unknown configuration key {name!r}")
+            raise unknown_key(name)
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{name!r} is a section; give its keys ({name}.KEY=...), got {value!r}")
@@ -151,11 +189,8 @@ def load_recipe(name_or_path: str) -> dict:
     if os.path.isfile(name_or_path):
         data = load_config_file(name_or_path)
     else:
-        entry = _recipe_dir().joinpath(f"{name_or_path}.yaml")
-        if not entry.is_file():
-            raise ConfigError(f"unknown recipe {name_or_path!r}; shipped recipes: "
-                              f"{', '.join(list_recipes())} (or give a YAML file path)")
-        data = parse_yaml(entry.read_text())
+        recipe_path(name_or_path)  # an unknown name is an error listing the shipped ones
+        data = parse_yaml(_recipe_dir().joinpath(f"{name_or_path}.yaml").read_text())
     cfg = copy.deepcopy(DEFAULTS)
     _merge(cfg, data)
     return cfg
@@ -173,12 +208,12 @@ def apply_overrides(cfg: dict, overrides) -> dict:
         for p in parts[:-1]:
             path = f"{path}{p}"
             if not isinstance(node.get(p), dict):
-                raise ConfigError(f"unknown configuration key {key.strip()!r} ({path!r} is not a section)")
+                raise unknown_key(key.strip())
             node = node[p]
             path += "."
         last = parts[-1]
         if last not in node:
-            raise ConfigError(f"unknown configuration key {key.strip()!r}")
+            raise unknown_key(key.strip())
         if isinstance(node[last], dict):
             raise ConfigError(f"{key.strip()!r} is a section; set one of its keys")
         try:
