@@ -166,7 +166,7 @@ def _cmd_train(args) -> int:
         raise ConfigError("--out is empty: give a run folder")
     out = args.out or os.path.join("runs", cfg["name"])
     Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, stop_at_step=args.stop_at_step,
-            progress=False if args.no_progress else None, device=args.device).fit()
+            progress=False if args.no_progress else None, device=args.device, cli=True).fit()
     return 0
 
 

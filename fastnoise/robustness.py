@@ -213,7 +213,7 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
         spec: its ``scale`` and ``noise_bias`` replace the layers' (its ``eta`` is not used);
             None keeps each layer's own.
         device: where inputs go (default: the model's parameters' device).
-        progress: a tqdm bar over the passes.
+        progress: a bar over the passes on a terminal, else a plain line every tenth of them.
         name: the result's name (column / legend).
         autocast_dtype: run the forward under ``torch.autocast`` with this dtype (e.g. bf16).
         channels_last: pass 4-D inputs in channels_last memory format.
@@ -248,9 +248,9 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=len(passes), desc=f"robustness {name}", leave=False, dynamic_ncols=True)
+        bar = progress_bar(len(passes), f"robustness {name}")
     was_training = model.training
     model.eval()
     results: list = [[] for _ in etas]

@@ -17,7 +17,7 @@ KERNELS = os.path.join(os.path.dirname(ROOT), "kernels")
 
 # the layers, top (imported by everything) to bottom; a new module must be given its place here
 LAYERS = [
-    ("base", {"spec", "rng", "context", "dispatch"}),
+    ("base", {"spec", "rng", "context", "dispatch", "progress"}),
     ("reference and backends", {"reference", "kernels", "_backends", "_backends_base", "_backends_linear",
                                 "_backends_conv", "_backends_cpu", "_cpu"}),
     ("ops", {"functional"}),

@@ -3,9 +3,7 @@
 ::
 
     import torch
-    import torch
-import torch
-from torch import nn
+    from torch import nn
     from torch.utils.data import TensorDataset
     from fastnoise import NoiseSpec
     from fastnoise.train import fit
@@ -14,8 +12,8 @@ from torch import nn
     train = TensorDataset(torch.randn(512, 1, 8, 8), torch.randint(0, 10, (512,)))
     val = TensorDataset(torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,)))
     result = fit(model, train, val, method="noise", spec=NoiseSpec(eta=0.06), epochs=3,
-                 batch_size=64, optim={"lr": 0.05})
-    result.model, result.history, result.robustness
+                 batch_size=64, optim={"lr": 0.05}, verbose=False)
+    print(result.robustness.table())  # result.model, result.history too
 
 It is :class:`~fastnoise.train.trainer.Trainer` with the model and data given instead of named
 in a recipe: the same loop, AMP, channels_last, DDP under ``torchrun``, exact resume, metrics,
@@ -50,6 +48,10 @@ FIT_ARGUMENTS = {"schedule.epochs": "epochs=", "data.batch_size": "batch_size=",
 NOT_FOR_FIT = ("model.arch", "model.init", "data.dataset", "data.root", "data.num_classes",
                "data.image_size", "data.val_resize", "data.augment", "data.skip_unreadable",
                "teacher.arch", "teacher.weights", "teacher.epochs", "teacher.lr")
+
+
+def _quiet(message: str) -> None:
+    """``verbose=False``: no messages."""
 
 
 def fit_config(method, spec: Optional[NoiseSpec], epochs: int, batch_size: Optional[int],
@@ -98,7 +100,7 @@ def fit(model: nn.Module, train_data, val_data=None, *, method="noise",
         batch_size: Optional[int] = None, channels_last="auto", out_dir: Optional[str] = None,
         resume: bool = False,
         overwrite: bool = False, stop_at_step: Optional[int] = None, device=None,
-        messages: Callable[[str], None] = print, **settings) -> TrainResult:
+        messages: Callable[[str], None] = print, verbose: bool = True, **settings) -> TrainResult:
     """Train ``model`` on ``train_data`` with one of the package's methods; returns a
     :class:`~fastnoise.train.trainer.TrainResult` (``.model``: the trained model, the very
     object passed in; ``.history``: one dict per epoch, as ``metrics.csv``; ``.robustness``: the
@@ -107,8 +109,15 @@ def fit(model: nn.Module, train_data, val_data=None, *, method="noise",
     Args:
         model: any ``nn.Module`` mapping a batch of inputs to ``[batch, classes]`` logits. It is
             converted in place (:func:`fastnoise.convert` with ``spec`` and ``noise={"exclude":
-            [...]}``) unless it already has noisy layers (then it keeps them and their specs, and
-            ``spec`` must be None), moved to the device and trained in place.
+            [...]}``), moved to the device and trained in place. A model that already has noisy
+            layers (one converted before, or returned by an earlier ``fit``, also with
+            ``method="clean"``, whose run converts it too: its robustness table needs noisy
+            layers) keeps them, their ids and which layers are clean; with ``spec`` given, ``spec``
+            replaces every noisy layer's own spec (without, they keep theirs). So a clean model
+            from ``fit`` goes on to ``fit(copy.deepcopy(result.model), method="noise",
+            spec=NoiseSpec(0.08))``: replacing the spec rather than returning the model
+            unconverted keeps ``result.model`` the very object the table was measured on, and
+            its layers' ids (hence its simulated chips) those of the first run.
         train_data: a map-style dataset of ``(input tensor, integer label)`` (e.g. a
             ``TensorDataset``), batched by the engine: the order is a function of ``(seed,
             epoch)``, and a sample's augmentation, if it draws from torch's RNG, of ``(seed,
@@ -145,6 +154,9 @@ def fit(model: nn.Module, train_data, val_data=None, *, method="noise",
             interrupted; ``result.stopped`` is then True. Needs ``out_dir``.
         device: torch device (default: ``cuda:LOCAL_RANK`` if CUDA is there, else the CPU).
         messages: where messages go (rank 0 only); ``log=`` is the recipe's section.
+        verbose: True (default): the run's messages (the settings, one line per epoch, the
+            robustness table at the end) go to ``messages``, with progress bars on a terminal;
+            False: nothing is printed (the table is ``result.robustness.table()``).
         **settings: the recipe's other settings, nested by section as in a recipe's YAML
             (the ``model``, ``teacher`` and ``method`` sections are the arguments above):
             ``optim={"lr": 0.01, "name": "adamw"}``, ``noise={"exclude": ["fc"]}``,
@@ -166,12 +178,20 @@ def fit(model: nn.Module, train_data, val_data=None, *, method="noise",
         bs = train_data.batch_size
         if isinstance(bs, int):
             cfg["data"]["batch_size"] = bs  # recorded; the loader's batch sampler is what runs
+    respec = False
     if isinstance(model, nn.Module) and noisy_layers(model):
-        if spec is not None:
-            raise ConfigError("the model already has noisy layers (they keep their own specs): pass "
-                              "spec=None, or a model without noisy layers")
-        first = noisy_layers(model)[0][1].spec
-        cfg["noise"].update(eta=first.eta, scale=first.scale, noise_bias=first.noise_bias)
+        if "exclude" in (settings.get("noise") or {}):
+            raise ConfigError("noise.exclude is for a model fit converts; this model already has noisy "
+                              "layers (those it left clean stay clean)")
+        respec = spec is not None  # the layers take spec (Trainer, after every check)
+        if not respec:
+            first = noisy_layers(model)[0][1].spec
+            cfg["noise"].update(eta=first.eta, scale=first.scale, noise_bias=first.noise_bias)
+    if not isinstance(verbose, bool):
+        raise ConfigError(f"verbose must be True or False, got {verbose!r}")
+    if not verbose:
+        messages = _quiet
+        cfg["log"]["progress"] = False
     for name, flag in (("resume", resume), ("overwrite", overwrite)):
         if not isinstance(flag, bool):
             raise ConfigError(f"{name} must be True or False, got {flag!r}")
@@ -185,7 +205,7 @@ def fit(model: nn.Module, train_data, val_data=None, *, method="noise",
     try:
         trainer = Trainer(cfg, tmp if tmp is not None else os.fspath(out_dir), resume=resume,
                           overwrite=overwrite, stop_at_step=stop_at_step, device=device, log=messages,
-                          given=Given(model, train_data, val_data, teacher))
+                          given=Given(model, train_data, val_data, teacher, respec=respec))
         result = trainer.fit()
     finally:
         if tmp is not None:

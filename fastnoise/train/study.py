@@ -267,7 +267,10 @@ def _settings(cfg, seeds, etas, draws, methods) -> dict:
             "config": cfg}
 
 
-def _check_out(out: str, settings: dict, resume: bool) -> None:
+def _check_out(out: str, settings: dict, resume: bool, python: bool = False) -> None:
+    """``python``: the errors name fit_study's arguments (``resume=True``, ``out=``), not the CLI's
+    flags."""
+    another, again = ("another out=", "resume=True") if python else ("another --out", "--resume")
     marker = os.path.join(out, MARKER)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"study folder {out!r} exists and is not a folder")
@@ -275,10 +278,10 @@ def _check_out(out: str, settings: dict, resume: bool) -> None:
         return
     if not os.path.isfile(marker):
         raise ConfigError(f"study folder {out!r} exists and was not written by fastnoise study; "
-                          "choose another --out")
+                          f"choose {another}")
     if not resume:
-        raise ConfigError(f"study folder {out!r} already exists; pass --resume to continue it or "
-                          "choose another --out")
+        raise ConfigError(f"study folder {out!r} already exists; pass {again} to continue it or "
+                          f"choose {another}")
     with open(marker) as f:
         saved = json.load(f)
     now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
@@ -479,9 +482,9 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=(tcfg is not None) + len(students) + len(seeds), desc="study", dynamic_ncols=True)
+        bar = progress_bar((tcfg is not None) + len(students) + len(seeds), "study", every=1)
     say = bar.write if bar is not None and log is print else log
 
     def step(msg: str) -> None:
@@ -634,7 +637,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
     study_settings["teacher"] = "given" if teacher is not None else {"epochs": teacher_epochs}
     study_settings["given"] = _given(fresh(seeds[0]), isinstance(model, torch.nn.Module), teacher,
                                      train_data, val_data)
-    _check_out(out, study_settings, resume)
+    _check_out(out, study_settings, resume, python=True)
 
     def trained(seed: int, run_dir: str, noisy: bool = True) -> torch.nn.Module:
         """The model a run trained, from its model.pth (noisy layers keep torch's keys)."""

@@ -57,6 +57,7 @@ from torch import nn
 
 from .. import rng
 from ..convert import convert, load_noise_state_dict, noise_state_dict, noisy_layers
+from ..progress import progress_bar
 from ..robustness import RobustnessResult, evaluate_robustness
 from ..spec import NoiseSpec
 from . import checkpoint as ckpt
@@ -84,6 +85,9 @@ CHECKPOINT_VERSION = 2  # 2: last.pt also holds the settings, the metrics rows a
 # settings a resumed run may change: where the data lives, how it is shown
 _RESUMABLE_CHANGES = {"data.root", "data.workers", "data.skip_unreadable", "log.progress", "eval.etas",
                       "eval.draws"}
+# how a message names an argument: the CLI's flag, or the Python keyword (Trainer, fit)
+_ARGUMENTS = {"resume": ("--resume", "resume=True"), "overwrite": ("--overwrite", "overwrite=True"),
+              "out": ("--out", "out_dir"), "stop_at_step": ("--stop-at-step", "stop_at_step")}
 
 
 @dataclass
@@ -118,12 +122,14 @@ class TrainResult:
 class Given:
     """Pieces of a run given in Python (:func:`fastnoise.train.fit`) instead of built from the
     settings: the model, the training data (a map-style dataset or a ``DataLoader``), the
-    validation data (the same kinds, or None) and the teacher (kd)."""
+    validation data (the same kinds, or None) and the teacher (kd). ``respec``: a model that
+    already has noisy layers takes the run's spec (``fit(spec=...)``) instead of keeping theirs."""
 
     model: nn.Module
     train: object
     val: object = None
     teacher: Optional[nn.Module] = None
+    respec: bool = False
 
 
 class _LoaderEpochs:
@@ -243,17 +249,21 @@ class Trainer:
         overwrite: replace the run files of an existing folder.
         stop_at_step: stop (and save ``last.pt``) after this many optimizer steps in all, as if
             interrupted; ``fit`` then returns with ``stopped=True``.
-        progress: tqdm bars (default: ``log.progress``).
+        progress: progress bars (default: ``log.progress``), drawn on a terminal; elsewhere a
+            plain line every tenth of the run (:mod:`fastnoise.progress`).
         device: torch device (default: ``cuda:LOCAL_RANK`` if CUDA is there, else the CPU).
         log: where messages go (rank 0 only).
         given: the model and data (and teacher) given in Python instead of built from the
             settings (:func:`fastnoise.train.fit` passes them; ``model.arch`` and
             ``data.dataset`` are then null). Everything else is the same run.
+        cli: messages name the command's flags (``--resume``) instead of these arguments
+            (``resume=True``); ``fastnoise train`` sets it.
     """
 
     def __init__(self, config: dict, out_dir: str, *, resume: bool = False, overwrite: bool = False,
                  stop_at_step: Optional[int] = None, progress: Optional[bool] = None, device=None,
-                 log: Callable[[str], None] = print, given: Optional[Given] = None):
+                 log: Callable[[str], None] = print, given: Optional[Given] = None, cli: bool = False):
+        self._cli = bool(cli)
         self.cfg = validate(copy.deepcopy(config))
         self.given = given
         self.task = None
@@ -261,7 +271,7 @@ class Trainer:
         self.resume, self.overwrite = resume, overwrite
         if stop_at_step is not None and (isinstance(stop_at_step, bool) or not isinstance(stop_at_step, int)
                                          or stop_at_step < 1):
-            raise ConfigError(f"--stop-at-step must be an int >= 1, got {stop_at_step!r}")
+            raise ConfigError(f"{self._arg('stop_at_step')} must be an int >= 1, got {stop_at_step!r}")
         self.stop_at_step = stop_at_step
         self.progress = self.cfg["log"]["progress"] if progress is None else bool(progress)
         self.device_arg = device
@@ -272,6 +282,10 @@ class Trainer:
         self._saved_step = None       # global step of the newest last.pt (finite weights)
 
     # ------------------------------------------------------------------ helpers
+    def _arg(self, name: str) -> str:
+        """``--resume`` from the CLI, ``resume=True`` from Python."""
+        return _ARGUMENTS[name][0 if self._cli else 1]
+
     def log(self, msg: str) -> None:
         if not self.dist.is_main:
             return
@@ -295,7 +309,8 @@ class Trainer:
             if saved.config is None:
                 if not os.path.isdir(self.out):
                     raise ConfigError(f"cannot resume: run folder {self.out!r} does not exist")
-                hint = (" (the run stopped before it wrote anything: start it again without --resume)"
+                hint = (" (the run stopped before it wrote anything: start it again without "
+                        f"{self._arg('resume')})"
                         if not entries else "")
                 raise ConfigError(f"cannot resume: {self.out!r} has no config.yaml and no last.pt{hint}")
             diff = rf.settings_diff(saved.config, self.cfg, _RESUMABLE_CHANGES)
@@ -306,12 +321,12 @@ class Trainer:
                                   f"{where}, {now!r} now")
             ck = saved.checkpoint
             if ck is not None and self.stop_at_step is not None and self.stop_at_step <= ck["global_step"]:
-                raise ConfigError(f"--stop-at-step {self.stop_at_step} is not after the checkpoint's step "
-                                  f"{ck['global_step']} in {self.out!r}")
+                raise ConfigError(f"{self._arg('stop_at_step')} {self.stop_at_step} is not after the "
+                                  f"checkpoint's step {ck['global_step']} in {self.out!r}")
             self._saved = saved
         elif entries and not self.overwrite:
-            raise ConfigError(f"run folder {self.out!r} already exists; pass --resume to continue it "
-                              "or --overwrite to replace it")
+            raise ConfigError(f"run folder {self.out!r} already exists; pass {self._arg('resume')} to "
+                              f"continue it or {self._arg('overwrite')} to replace it")
 
     def _clear_run_folder(self) -> None:
         """``--overwrite``: last.pt first (a kill part way leaves nothing to resume from), the
@@ -615,6 +630,9 @@ class Trainer:
             model = self.given.model
         if self.given is None or not noisy_layers(model):  # a model with noisy layers keeps them
             convert(model, self.spec, exclude=n["exclude"] or None)
+        elif self.given.respec:
+            for _, layer in noisy_layers(model):
+                layer.spec = self.spec
         dev = self.dist.device
         fmt = torch.channels_last if self._channels_last() else torch.contiguous_format
         model.to(dev, memory_format=fmt)
@@ -679,7 +697,7 @@ class Trainer:
                      f"{tcfg['schedule']['epochs']} epochs) in {tdir}")
             resume = os.path.isfile(os.path.join(tdir, "config.yaml"))
             Trainer(tcfg, tdir, resume=resume, overwrite=not resume, progress=self.progress,
-                    device=self.dist.device, log=self._log).fit()
+                    device=self.dist.device, log=self._log, cli=self._cli).fit()
         return self._load_teacher(weights, self.num_classes)
 
     # ------------------------------------------------------------------ checkpoints
@@ -719,7 +737,8 @@ class Trainer:
             kept = "No checkpoint was written from non-finite weights"
         return rf.DivergedError(f"training diverged at step {self.global_step} (epoch {self.epoch + 1}): "
                                 f"{what}. Likely cause: {first} is too large (else {second}{amp}). "
-                                f"{kept}; start again with a lower value (--overwrite, or another --out)")
+                                f"{kept}; start again with a lower value ({self._arg('overwrite')}, or "
+                                f"another {self._arg('out')})")
 
     def _check_finite(self) -> None:
         """Nothing is saved from non-finite weights or optimizer state."""
@@ -947,7 +966,7 @@ class Trainer:
         if save:
             self._save()
         self.task.close()  # hooks off the model
-        self.log(f"stopped at step {self.global_step}; continue with --resume")
+        self.log(f"stopped at step {self.global_step}; continue with {self._arg('resume')}")
         return TrainResult(self.out, self.global_step, self.epoch, True, self.metrics, model=self.base)
 
     def _fit(self) -> TrainResult:
@@ -956,16 +975,14 @@ class Trainer:
         epochs = cfg["schedule"]["epochs"]
         every, ck_every = cfg["log"]["every"], cfg["checkpoint"]["every_steps"]
         classes = f" ({self.num_classes} classes)" if self.num_classes is not None else ""
+        noise = "no noise" if cfg["method"]["name"] == "clean" else f"noise {self.spec}"
         self.log(f"{cfg['name']}: {cfg['method']['name']} on {self._data_name}"
-                 f"{classes}, {self._model_name}, noise {self.spec}, "
+                 f"{classes}, {self._model_name}, {noise}, "
                  f"{epochs} epochs x {spe} steps, global batch {cfg['data']['batch_size']}, "
                  f"{self.dist.world_size} process(es) on {self.dist.device}")
         bar_cm = contextlib.nullcontext(None)
-        if self.progress and self.dist.is_main:
-            from tqdm.auto import tqdm
-
-            bar_cm = tqdm(total=self.total_steps, initial=self.global_step, desc=cfg["name"],
-                          dynamic_ncols=True, leave=False)
+        if self.progress and self.dist.is_main:  # a bar on a terminal, else a line a tenth
+            bar_cm = progress_bar(self.total_steps, cfg["name"], initial=self.global_step)
         with bar_cm as bar:
             self._bar = bar
             while self.epoch < epochs:
