@@ -181,7 +181,7 @@ def _cmd_eval(args) -> int:
     from .train import distributed
     from .train import runfolder as rf
     from .train.data import build_data, eval_loader
-    from .train.models import CLASSIFIER, build_model
+    from .train.models import CLASSIFIER, CONVNETS, build_model
     from .train.recipes import ConfigError, resolve
     from .train.trainer import check_model_fits
 
@@ -229,7 +229,11 @@ def _cmd_eval(args) -> int:
     n = cfg["noise"]
     spec = NoiseSpec(eta=n["eta"], scale=n["scale"], noise_bias=n["noise_bias"])
     convert(model, spec, exclude=n["exclude"] or None)
-    model.to(info.device)
+    # as the run's own table at the end of train: its memory format (model.channels_last; the
+    # fashion recipes set it, ~2x on the CPU) and its chips (the run's seed)
+    cl = cfg["model"]["channels_last"]
+    cl = info.device.type == "cuda" and arch in CONVNETS if cl == "auto" else bool(cl)
+    model.to(info.device, memory_format=torch.channels_last if cl else torch.contiguous_format)
     loader = eval_loader(data.val, cfg["data"]["eval_batch_size"], cfg["data"]["workers"],
                          info.device.type == "cuda", info.rank, info.world_size)
     amp = cfg["amp"]
@@ -238,7 +242,7 @@ def _cmd_eval(args) -> int:
         dtype = torch.bfloat16
     result = evaluate_robustness(model, loader, etas, draws, device=info.device, name=cfg["name"],
                                  progress=not args.no_progress and info.is_main, autocast_dtype=dtype,
-                                 distributed=info.distributed)
+                                 distributed=info.distributed, channels_last=cl, seed=cfg["seed"])
     if info.is_main:
         try:
             os.makedirs(out, exist_ok=True)

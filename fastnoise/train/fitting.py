@@ -115,9 +115,10 @@ def fit(model: nn.Module, train_data, val_data=None, *, method="noise",
             layers) keeps them, their ids and which layers are clean; with ``spec`` given, ``spec``
             replaces every noisy layer's own spec (without, they keep theirs). So a clean model
             from ``fit`` goes on to ``fit(copy.deepcopy(result.model), method="noise",
-            spec=NoiseSpec(0.08))``: replacing the spec rather than returning the model
-            unconverted keeps ``result.model`` the very object the table was measured on, and
-            its layers' ids (hence its simulated chips) those of the first run.
+            spec=NoiseSpec(0.08))``. Replacing the specs rather than returning the model
+            unconverted keeps ``result.model`` the very model the robustness table was measured
+            on (a table needs noisy layers), the same for every method, and keeps what the
+            first conversion decided (which layers are noisy, ``exclude``).
         train_data: a map-style dataset of ``(input tensor, integer label)`` (e.g. a
             ``TensorDataset``), batched by the engine: the order is a function of ``(seed,
             epoch)``, and a sample's augmentation, if it draws from torch's RNG, of ``(seed,
