@@ -41,9 +41,11 @@ def test_demo_reduced_budget(tmp_path, capsys):
         assert float(res[(m, 0.1)]["mean"]) <= float(res[(m, 0.0)]["mean"]) + 1.0
         assert float(res[(m, 0.1)]["std"]) > 0.0
 
-    # a second demo into its own folder replaces it
+    assert f"[demo] writing into {out} (a later demo into it replaces it)" in text
+    # a second demo into its own folder replaces it, and says so
     assert main(["demo", "--device", "cpu", "--out", out, "--epochs", "1", "--teacher-epochs", "1",
                  "--draws", "2", "--methods", "noise", "--no-progress"]) == 0
+    assert f"[demo] replacing {out}: it holds an earlier demo's output" in capsys.readouterr().out
     rows = list(csv.DictReader(open(os.path.join(out, "robustness.csv"))))
     assert {r["name"] for r in rows} == {"teacher", "noise"}
 

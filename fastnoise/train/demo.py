@@ -101,6 +101,10 @@ def _run(cfg, out, seed, draws, etas, methods, progress, device, log) -> dict:
 
 
 def _run_locked(cfg, out, seed, draws, etas, methods, progress, device, log) -> dict:
+    if os.path.isfile(os.path.join(out, MARKER)):
+        log(f"[demo] replacing {out}: it holds an earlier demo's output")
+    else:
+        log(f"[demo] writing into {out} (a later demo into it replaces it)")
     marker = {"seed": seed, "methods": list(methods), "etas": list(etas), "draws": draws, "config": cfg}
     rf.write_text(os.path.join(out, MARKER), json.dumps(marker, indent=1))
 
