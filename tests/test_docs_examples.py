@@ -123,6 +123,7 @@ def pages(root: Path = ROOT) -> list[Path]:
 
 def run_blocks(blocks: list[Block], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is as fast, and kinder to a busy CI
     payload = json.dumps([(b.name, b.source) for b in blocks])
     return subprocess.run([sys.executable, "-c", DRIVER], input=payload, capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=PAGE_TIMEOUT_S)
