@@ -173,6 +173,16 @@ def test_discovery_finds_the_readme_and_the_docs():
     assert "README.md" in ids and "docs/quickstart.md" in ids, ids
 
 
+def test_the_readmes_links_resolve():
+    """The README links into docs/ (mkdocs checks the links between pages; nothing else checks these)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
+    assert local, "the README links to no page of the docs"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
 def test_blocks_of_reads_fences_markers_and_lines():
     text = textwrap.dedent("""\
         # t
