@@ -47,6 +47,15 @@ def _resolve(collection, scope, role: str, name: str):
             if leaf is not None:
                 return leaf.path
         return obj.path
+    for path in candidates:  # a package's lazy export (``fastnoise.train.fit``): its one submodule member
+        prefix, _, leaf = path.rpartition(".")
+        package = _lookup(collection, prefix) if prefix else None
+        if package is None or not package.is_module or not package.modules:
+            continue
+        found = [sub.members[leaf] for sub in package.modules.values()
+                 if leaf in sub.members and not sub.members[leaf].is_alias]
+        if len(found) == 1:
+            return found[0].path
     return None
 
 
