@@ -1,6 +1,6 @@
 """Noise that reaches every use of a weight: noise scopes and the noisy classes that open them.
 
-Design note (why this mechanism; README "How it is built" has the short version)
+Design note (why this mechanism; docs/coverage.md, "What gets noise", has the short version)
 --------------------------------------------------------------------------------
 A model uses a weight in two ways: through its module's ``forward`` (what swapping the module's
 class catches) and directly, outside that ``forward``: ``nn.MultiheadAttention`` hands

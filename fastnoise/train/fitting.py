@@ -141,7 +141,8 @@ def fit(model: nn.Module, train_data, val_data=None, *, method="noise",
         teacher: the trained teacher of ``"kd"``; it is not modified (no ``requires_grad`` or
             mode change, no noisy layers), only moved to the device.
         spec: the noise of the converted layers (default: ``noise`` settings, eta 0.06, range).
-        epochs, batch_size: ``schedule.epochs`` and ``data.batch_size`` (default 128).
+        epochs: ``schedule.epochs``.
+        batch_size: ``data.batch_size`` (default 128).
         channels_last: ``model.channels_last``: ``"auto"`` (on CUDA for a model with
             convolutions), True or False.
         out_dir: the run folder (as ``fastnoise train --out``: config.yaml, last.pt, best.pt,

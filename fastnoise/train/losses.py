@@ -30,7 +30,7 @@ __all__ = ["DEFAULT_ALPHA", "DEFAULT_TEMPERATURE", "DEFAULT_LAMBDA", "DEFAULT_DI
            "kd_loss", "kd_terms", "consistency_loss", "feature_distance"]
 
 # Measured on Fashion-MNIST (fashion_cnn, eta 0.08 range, 2 student epochs from a 92.1% teacher,
-# seed 0, 5 chips; README "Fashion-MNIST and the study"): T = 2, 4 and 6 (alpha 0.9) and
+# seed 0, 5 chips; docs/results.md, "Settings tried"): T = 2, 4 and 6 (alpha 0.9) and
 # alpha = 0.5 (T = 4) gave the same robustness within 0.6 points (+4.5..+4.8 over noise-only at
 # eta 0.12), so the seed paper's T = 6 stays the default.
 DEFAULT_TEMPERATURE = 6.0

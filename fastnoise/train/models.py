@@ -138,7 +138,7 @@ class FashionCNN(nn.Module):
 
     28 -> 14 -> 7 -> 3 pixels, ``widths[2]`` x 3 x 3 features, a hidden layer of ``hidden``. The
     default (16, 32, 64) channels and 128 hidden units have 98 k parameters and 2.0 M
-    multiply-adds per image; sized for CPU training (the README gives its epoch time and
+    multiply-adds per image; sized for CPU training (docs/study.md gives its epoch time and
     accuracy). Pooling before BatchNorm and ReLU (the same function when the BN scale is
     positive) makes those two work on a quarter of the pixels: a training step takes ~15%
     less time on the CPU.

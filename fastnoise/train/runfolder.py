@@ -1,6 +1,6 @@
 """A run folder that a kill, a full disk or a second writer cannot corrupt.
 
-The promises (each held by a test named in README's "Reliability" section):
+The promises (each held by a test named in docs/reliability.md):
 
 - **Atomic files.** :func:`atomic_path` (and :func:`write_text`, :func:`write_bytes`,
   :func:`save_torch` on top of it) writes a temporary file in the same folder, flushes and

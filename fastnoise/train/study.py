@@ -573,17 +573,24 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
             the initial weights), or an ``nn.Module`` that every student starts from (a deep
             copy each; the seeds then vary only the data order and the training noise). It must
             not hold noisy layers (they are made with ``spec``).
-        train_data, val_data: map-style datasets (or ``DataLoader``\\ s), as :func:`fit` takes them.
+        train_data: a map-style dataset (or a ``DataLoader``), as :func:`fit` takes it.
+        val_data: the same, for the evaluation.
         teacher: the trained clean teacher of the ``kd`` students (not modified), or None: a
             clean teacher is trained first, ``teacher_epochs`` epochs (from the builder under
             seed 0, or a copy of ``model``), in ``OUT/teacher``.
-        seeds, etas, draws, methods: as :func:`run_study` (default etas: 0, 0.5, 1 and 1.5
-            times the training eta).
+        seeds: as :func:`run_study`.
+        etas: as :func:`run_study` (default: 0, 0.5, 1 and 1.5 times the training eta).
+        draws: as :func:`run_study`.
+        methods: as :func:`run_study`.
         method: the method settings every student shares (the recipe's ``method`` section
             without ``name``: ``{"layers": ["layer1"], "temperature": 6.0}``); consistency
             needs ``layers``.
-        spec, epochs, batch_size, device, messages, **settings: as :func:`fit` (``settings``
-            without ``seed``: the study sets it).
+        spec: as :func:`fit`.
+        epochs: as :func:`fit`.
+        batch_size: as :func:`fit`.
+        device: as :func:`fit`.
+        messages: as :func:`fit`.
+        **settings: as :func:`fit`, without ``seed`` (the study sets it).
         out: the study folder; ``resume=True`` continues one: the same model, teacher, data
             and settings must be given again. Checked: the settings, the model's structure
             (its state's names, shapes and dtypes; its values too for a model to copy), a given
