@@ -971,6 +971,19 @@ def _term(_signum, _frame):
     raise KeyboardInterrupt("SIGTERM")
 
 
+@contextlib.contextmanager
+def stop_signals():
+    """SIGALRM stops the running part (:class:`PartTimeout`); SIGTERM (``timeout``'s first
+    signal) stops the run, and the summary is still written."""
+    old = signal.signal(signal.SIGALRM, _alarm), signal.signal(signal.SIGTERM, _term)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+
+
 def _needs_ok(part: Part) -> str:
     import importlib.util
 
@@ -1087,7 +1100,6 @@ def main(argv=None) -> int:
         if not args.smoke:
             ap.error("no CUDA device: only --dry-run and --smoke run on the CPU")
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
-        torch.set_num_threads(1)  # tiny ops: threads only spin against each other
     _ensure_package()
     os.makedirs(args.out, exist_ok=True)
     import fastnoise
@@ -1107,13 +1119,14 @@ def main(argv=None) -> int:
           flush=True)
 
     ctx = Context(args.out, args.smoke, device, log=lambda s: print(s, flush=True))
-    old_alarm = signal.signal(signal.SIGALRM, _alarm)
-    old_term = signal.signal(signal.SIGTERM, _term)
+    threads = torch.get_num_threads()
     try:
-        status = run_parts(ctx, kept, None if args.smoke else args.budget - 5)
+        if device == "cpu":
+            torch.set_num_threads(1)  # tiny ops: threads would only spin against each other
+        with stop_signals():
+            status = run_parts(ctx, kept, None if args.smoke else args.budget - 5)
     finally:
-        signal.signal(signal.SIGALRM, old_alarm)
-        signal.signal(signal.SIGTERM, old_term)
+        torch.set_num_threads(threads)
     status += [{"kind": "part", "name": p.name, "est_s": p.est_s, "status": "dropped", "seconds": 0.0,
                 "error": "over budget in the plan"} for p in dropped]
     table = summary_table(ctx, status, env)
