@@ -254,36 +254,56 @@ def _verdict(ok) -> str:
 
 
 # ============================================================================= autotune lists
-# (BM, BP, BR) of noisy_matmul, (BM, BN, BK) of noisy_conv: the configs kept for the run. With
-# the kernels' pruning, small M keeps one (no autotuning), large M two or three.
-MATMUL_SHORT = ((16, 64, 64), (64, 64, 64), (128, 128, 32))
-CONV_SHORT = ((16, 64, 32), (64, 64, 32), (64, 128, 32))
+# (BM, BP, BR) of noisy_matmul, (BM, BN, BK) of noisy_conv. "time": the configs kept for the
+# timing parts (with the kernels' pruning, small M keeps one, so no autotuning; large M two or
+# three). "check": one config for the correctness parts, one of the timing list, so that the
+# correctness matrix (3 dtypes x kernel sizes x split-K) compiles each variant once.
+TUNING = {
+    "time": {"noisy_matmul": ((16, 64, 64), (64, 64, 64), (128, 128, 32)),
+             "noisy_conv": ((16, 64, 32), (64, 64, 32), (64, 128, 32))},
+    "check": {"noisy_matmul": ((64, 64, 64),), "noisy_conv": ((64, 64, 32),)},
+}
 AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 20
+_tuning = {"mode": None, "lists": {}}
+
+
+def _kernels() -> dict:
+    from fastnoise.kernels import noisy_conv, noisy_matmul
+
+    return {"noisy_matmul": (noisy_matmul._noisy_matmul_kernel, ("BM", "BP", "BR")),
+            "noisy_conv": (noisy_conv._noisy_conv_fwd_kernel, ("BM", "BN", "BK"))}
 
 
 def short_autotune() -> dict:
-    """Cut the autotune lists of the Triton kernels to the configs above (kept in the order of
-    the kernel's list; the first two when none match) and shorten the autotuner's timing.
-    Returns what each kernel keeps, for the environment record. No-op under the interpreter."""
+    """Build the "check" and "time" lists of :data:`TUNING` from each kernel's own list (in its
+    order; its first one or two configs where none match), shorten the autotuner's timing and
+    switch to "time". Returns the lists, for the environment record. No-op under the
+    interpreter (one config per kernel there)."""
     from fastnoise import dispatch
 
     if dispatch.triton_interpret():
         return {"interpreter": "one config per kernel"}
     import triton.testing
-    from fastnoise.kernels import noisy_conv, noisy_matmul
 
-    kept = {}
-    for name, kern, keys, want in (
-            ("noisy_matmul", noisy_matmul._noisy_matmul_kernel, ("BM", "BP", "BR"), MATMUL_SHORT),
-            ("noisy_conv", noisy_conv._noisy_conv_fwd_kernel, ("BM", "BN", "BK"), CONV_SHORT)):
-        configs = [c for c in kern.configs if tuple(c.kwargs.get(k) for k in keys) in want]
-        kern.configs = configs or list(kern.configs[:2])
-        kern.cache.clear()
+    for name, (kern, keys) in _kernels().items():
+        for mode, want in TUNING.items():
+            configs = [c for c in kern.configs if tuple(c.kwargs.get(k) for k in keys) in want[name]]
+            _tuning["lists"][(mode, name)] = configs or list(kern.configs[:len(want[name])])
         if hasattr(kern, "_do_bench"):
             kern._do_bench = lambda call, quantiles: triton.testing.do_bench(
                 call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
-        kept[name] = [str(c) for c in kern.configs]
-    return kept
+    use_tuning("time")
+    return {f"{mode} {name}": [str(c) for c in v] for (mode, name), v in _tuning["lists"].items()}
+
+
+def use_tuning(mode: str) -> None:
+    """Give each kernel the "check" or "time" list (its choices forgotten when it changes)."""
+    if not _tuning["lists"] or _tuning["mode"] == mode:
+        return
+    for name, (kern, _) in _kernels().items():
+        kern.configs = list(_tuning["lists"][(mode, name)])
+        kern.cache.clear()
+    _tuning["mode"] = mode
 
 
 def autotune_choices() -> dict:
@@ -441,7 +461,12 @@ def aihwkit_linear(w):
         import torch
 
         rpu = TorchInferenceRPUConfig()
-        rpu.modifier.type = WeightModifierType.ADD_NORMAL
+        try:  # 2.x names the noise apart from the quantization
+            from aihwkit_lightning.simulator.configs import WeightNoiseInjectionType
+
+            rpu.modifier.noise_type = WeightNoiseInjectionType.ADD_NORMAL
+        except ImportError:
+            rpu.modifier.type = WeightModifierType.ADD_NORMAL
         rpu.modifier.std_dev = ETA
         for attr, value in (("inp_res", -1), ("out_res", -1), ("out_noise", 0.0), ("out_bound", -1)):
             if hasattr(rpu.forward, attr):
@@ -604,7 +629,8 @@ def part_resnet50_step(ctx: Context) -> None:
 
 def part_conv_per_layer(ctx: Context) -> None:
     """Each ResNet-50 conv (distinct shapes, weighted by count) at batch 1 and 8, bf16
-    channels_last: clean cuDNN, naive, fastnoise auto; eager medians and GPU time (graphs)."""
+    channels_last: clean cuDNN and fastnoise auto, eager medians and GPU time (graphs). (The
+    naive layer is timed in the step and robustness parts.)"""
     import torch
 
     from bench import gpu_conv
@@ -616,7 +642,7 @@ def part_conv_per_layer(ctx: Context) -> None:
     for batch in ctx.pick((1, 8), (1,)):
         total = {}
         for shape in counts:
-            fns = {p: gpu_conv.layer_fn(shape, batch, p, dev) for p in ("clean", "naive", "auto")}
+            fns = {p: gpu_conv.layer_fn(shape, batch, p, dev) for p in ("clean", "auto")}
             eager = {p: ctx.time_ms(f) for p, f in fns.items()}
             graph = {p: ctx.gpu_ms(fns[p]) for p in ("clean", "auto")}
             basis, kind = (graph, "gpu") if None not in graph.values() else (eager, "eager")
@@ -702,7 +728,7 @@ def part_linear_crossover(ctx: Context) -> None:
 def part_conv_crossover(ctx: Context) -> None:
     """Fused vs generate conv forward, bf16 channels_last, GPU time (graphs), over weight sizes
     (3x3 with 16..512 channels, 1x1 with 256 and 1024) and output pixels (7x7 outputs, batch
-    1..32): where ``FUSED_MAX_OUTPUT_PIXELS`` and ``FUSED_MIN_WEIGHT_NUMEL`` belong."""
+    1..16: 49..784 pixels): where ``FUSED_MAX_OUTPUT_PIXELS`` and ``FUSED_MIN_WEIGHT_NUMEL`` belong."""
     import torch
 
     from bench import gpu_conv
@@ -711,7 +737,7 @@ def part_conv_crossover(ctx: Context) -> None:
     dev = torch.device(ctx.device)
     weights = ctx.pick([(c, 3) for c in (16, 32, 64, 128, 256, 512)] + [(256, 1), (1024, 1)],
                        [(4, 3), (8, 1)])
-    batches = ctx.pick((1, 2, 4, 8, 16, 32), (1, 2))
+    batches = ctx.pick((1, 2, 4, 8, 16), (1, 2))
     hw = ctx.pick(7, 3)
     wins_at = {}
     smallest = {}
@@ -830,25 +856,26 @@ class Part:
     fn: Callable[[Context], None]
     targets: tuple = ()
     needs: tuple = ()  # importable modules it needs
+    tuning: str = "time"  # which autotune lists of TUNING it runs with
 
 
 # In order of value: correctness first, then the issue's targets, then the sweeps. The plan keeps
 # a prefix of this list; a later part never runs in place of an earlier one. Estimates: op counts
 # over the measured ceilings plus ~2 s per Triton compile, not yet measured on a GPU.
 PARTS = [
-    Part("linear_correctness", 50, part_linear_correctness, ("linear_correct",)),
-    Part("conv_correctness", 75, part_conv_correctness, ("conv_correct",)),
+    Part("linear_correctness", 60, part_linear_correctness, ("linear_correct",), tuning="check"),
+    Part("conv_correctness", 75, part_conv_correctness, ("conv_correct",), tuning="check"),
     Part("noise_readback", 12, part_noise_readback, ("noise_contract", "noise_moments", "noise_ks"),
-         ("scipy",)),
+         ("scipy",), tuning="check"),
     Part("linear_timing", 40, part_linear_timing, ("linear_vs_naive", "linear_vs_aihwkit",
                                                     "linear_small_m_vs_clean", "linear_large_m_vs_clean")),
     Part("mlp_memory", 15, part_mlp_memory, ("mlp_peak_memory",)),
-    Part("resnet50_step", 40, part_resnet50_step, ("rn50_kd_vs_clean", "rn50_kd_vs_naive", "rn50_kd_memory"),
+    Part("resnet50_step", 30, part_resnet50_step, ("rn50_kd_vs_clean", "rn50_kd_vs_naive", "rn50_kd_memory"),
          ("torchvision",)),
-    Part("conv_per_layer", 45, part_conv_per_layer, ("conv_layer_vs_cudnn",)),
-    Part("robustness", 30, part_robustness, ("robustness_vs_naive",), ("torchvision",)),
+    Part("conv_per_layer", 50, part_conv_per_layer, ("conv_layer_vs_cudnn",)),
+    Part("robustness", 25, part_robustness, ("robustness_vs_naive",), ("torchvision",)),
     Part("linear_crossover", 25, part_linear_crossover, ("fused_max_m",)),
-    Part("conv_crossover", 30, part_conv_crossover, ("fused_max_output_pixels", "fused_min_weight_numel")),
+    Part("conv_crossover", 40, part_conv_crossover, ("fused_max_output_pixels", "fused_min_weight_numel")),
     Part("ceilings", 8, part_ceilings),
     Part("decoder_sweep", 50, part_decoder_sweep, (), ("transformers",)),
 ]
@@ -1013,6 +1040,7 @@ def run_parts(ctx: Context, parts, budget_s: float | None, log=print) -> list[di
             log(f"[{p.name}] est {p.est_s:.0f} s" + ("" if left is None else f", {left:.0f} s left"))
             ctx.part = p.name
             torch.manual_seed(0)
+            use_tuning(p.tuning)
             cap = None if left is None else min(part_cap_s(p), left)
             if cap is not None:
                 signal.setitimer(signal.ITIMER_REAL, max(cap, 1.0))

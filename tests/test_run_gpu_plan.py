@@ -139,3 +139,33 @@ def test_smoke_runs_the_cheap_parts_and_writes_the_summary(run_gpu, tmp_path, ca
     table = (tmp_path / "summary.txt").read_text()
     assert "rn50_kd_vs_clean" in table and "robustness" in table
     assert table in capsys.readouterr().out
+
+
+def test_the_short_autotune_lists_are_configs_of_the_kernels():
+    """Outside the interpreter (as on the GPU) every config named in TUNING is in its kernel's
+    list, "check" leaves one config per kernel and "time" the named few (a fresh process: the
+    kernels read TRITON_INTERPRET when imported)."""
+    code = """if True:
+        import json, sys
+        sys.path.insert(0, "bench")
+        import run_gpu
+        run_gpu._ensure_package()
+        lists = run_gpu.short_autotune()
+        kernels = run_gpu._kernels()
+        out = {}
+        for mode in ("check", "time", "check"):
+            run_gpu.use_tuning(mode)
+            for name, (kern, keys) in kernels.items():
+                out[mode + " " + name] = [[c.kwargs[k] for k in keys] for c in kern.configs]
+        print(json.dumps({"lists": lists, "out": out, "tuning": {m: {k: [list(c) for c in v]
+              for k, v in d.items()} for m, d in run_gpu.TUNING.items()}}))
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    for mode, kernels in got["tuning"].items():
+        for name, want in kernels.items():
+            assert sorted(got["out"][f"{mode} {name}"]) == sorted(want), (mode, name)
+    assert all(len(v) == 1 for k, v in got["out"].items() if k.startswith("check"))
