@@ -926,27 +926,31 @@ def plan_text(budget_s, kept, dropped) -> str:
 
 
 # ============================================================================= environment
-def _ensure_package() -> None:
+def _ensure_package() -> str:
     """Make ``fastnoise.kernels`` importable from a bare checkout (the device machine has no
-    editable install): the top-level ``kernels/`` folder is that package (setup.py)."""
+    editable install): the top-level ``kernels/`` folder is that package (setup.py). Returns
+    where the kernels come from (another checkout's install would show here)."""
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
     try:
-        import fastnoise.kernels  # noqa: F401
-        return
+        import fastnoise.kernels as kernels
     except ImportError:
-        pass
-    import importlib.util
+        import importlib.util
 
-    import fastnoise
+        import fastnoise
 
-    init = os.path.join(REPO, "kernels", "__init__.py")
-    spec = importlib.util.spec_from_file_location("fastnoise.kernels", init,
-                                                  submodule_search_locations=[os.path.dirname(init)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fastnoise.kernels"] = mod
-    spec.loader.exec_module(mod)
-    fastnoise.kernels = mod
+        init = os.path.join(REPO, "kernels", "__init__.py")
+        spec = importlib.util.spec_from_file_location("fastnoise.kernels", init,
+                                                      submodule_search_locations=[os.path.dirname(init)])
+        kernels = importlib.util.module_from_spec(spec)
+        sys.modules["fastnoise.kernels"] = kernels
+        spec.loader.exec_module(kernels)
+        fastnoise.kernels = kernels
+    here = os.path.realpath(os.path.dirname(kernels.__file__))
+    if here != os.path.realpath(os.path.join(REPO, "kernels")):
+        print(f"warning: fastnoise.kernels comes from {here}, not this checkout", flush=True)
+        return here
+    return "checkout"
 
 
 def _run(cmd) -> str | None:
@@ -1129,12 +1133,13 @@ def main(argv=None) -> int:
         if not args.smoke:
             ap.error("no CUDA device: only --dry-run and --smoke run on the CPU")
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
-    _ensure_package()
+    kernels_from = _ensure_package()
     os.makedirs(args.out, exist_ok=True)
     import fastnoise
 
     fastnoise.manual_seed(0)
     env = environment(device)
+    env["kernels_from"] = kernels_from
     env["autotune"] = short_autotune() if device == "cuda" else {"interpreter": "one config per kernel"}
     env["argv"] = sys.argv[1:] if argv is None else list(argv)
     with open(os.path.join(args.out, "environment.json"), "w") as f:

@@ -141,15 +141,28 @@ def test_smoke_runs_the_cheap_parts_and_writes_the_summary(run_gpu, tmp_path, ca
     assert table in capsys.readouterr().out
 
 
-def test_the_short_autotune_lists_are_configs_of_the_kernels():
-    """Outside the interpreter (as on the GPU) every config named in TUNING is in its kernel's
-    list, "check" leaves one config per kernel and "time" the named few (a fresh process: the
-    kernels read TRITON_INTERPRET when imported)."""
+def test_a_bare_checkout_gets_its_kernels_and_the_short_autotune_lists():
+    """As on the device machine: no install (the editable finder removed) and no interpreter.
+    ``fastnoise.kernels`` and its submodules load from this checkout's ``kernels/``; every config
+    named in TUNING is in its kernel's list, "check" leaves one config per kernel and "time" the
+    named few. (A fresh process: the kernels read TRITON_INTERPRET when imported.)"""
     code = """if True:
-        import json, sys
+        import json, os, sys
+        sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
+                         and "editable" not in getattr(f, "__name__", "")]
+        for name in [n for n in sys.modules if n.startswith("fastnoise")]:
+            del sys.modules[name]
+        try:
+            import fastnoise.kernels
+            raise SystemExit("fastnoise.kernels imported without the shim: the test proves nothing")
+        except ImportError:
+            pass
+        for name in [n for n in sys.modules if n.startswith("fastnoise")]:
+            del sys.modules[name]
         sys.path.insert(0, "bench")
         import run_gpu
-        run_gpu._ensure_package()
+        where = run_gpu._ensure_package()
+        from fastnoise.kernels import noisy_matmul
         lists = run_gpu.short_autotune()
         kernels = run_gpu._kernels()
         out = {}
@@ -157,14 +170,17 @@ def test_the_short_autotune_lists_are_configs_of_the_kernels():
             run_gpu.use_tuning(mode)
             for name, (kern, keys) in kernels.items():
                 out[mode + " " + name] = [[c.kwargs[k] for k in keys] for c in kern.configs]
-        print(json.dumps({"lists": lists, "out": out, "tuning": {m: {k: [list(c) for c in v]
-              for k, v in d.items()} for m, d in run_gpu.TUNING.items()}}))
+        print(json.dumps({"where": where, "file": os.path.realpath(noisy_matmul.__file__), "out": out,
+                          "tuning": {m: {k: [list(c) for c in v] for k, v in d.items()}
+                                     for m, d in run_gpu.TUNING.items()}}))
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=ROOT, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, res.stdout[-1000:] + res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["where"] == "checkout"
+    assert got["file"] == os.path.realpath(os.path.join(ROOT, "kernels", "noisy_matmul.py"))
     for mode, kernels in got["tuning"].items():
         for name, want in kernels.items():
             assert sorted(got["out"][f"{mode} {name}"]) == sorted(want), (mode, name)
