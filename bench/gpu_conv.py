@@ -1,7 +1,7 @@
 """Conv part of the GPU check: correctness at ResNet-50 sizes, then the timings of issue 5's targets.
 
-    python bench/run_gpu.py --only conv          # through the driver
-    python -c "from bench.gpu_conv import run; run('out')"
+    python bench/run_gpu.py --only conv_correctness,conv_per_layer   # its helpers, through the driver
+    python -c "from bench.gpu_conv import run; run('out')"             # this module's own run
 
 :func:`run` checks the fused and generate conv paths against the in-package reference on all
 53 ResNet-50 conv shapes (distinct shapes once) at batch 1 and 32 in bf16, fp16 and fp32,

@@ -1,6 +1,7 @@
 """Noisy linear on one GPU: correctness at full sizes, the kernel's noise, timings, memory.
 
-``run(out_dir, quick=False)`` (called by ``bench/run_gpu.py``) does, in this order:
+``bench/run_gpu.py``'s parts use the helpers here (``check_case``, ``providers``, ``mlp``,
+``saved_bytes``, ``train_step``); ``run(out_dir, quick=False)``, this module's own run, does:
 
 1. correctness: every path (``fused``, ``generate``, ``auto``, and forward/backward on different
    paths) against :mod:`fastnoise.reference` on the same seed and offset, output and every
