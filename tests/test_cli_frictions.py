@@ -43,6 +43,7 @@ def test_package_names_load_on_first_use():
 
     assert callable(fastnoise.convert) and fastnoise.convert.__name__ == "convert"
     assert fastnoise.functional.__name__ == "fastnoise.functional"
+    assert fastnoise.pregenerate.__name__ == "fastnoise.pregenerate"  # submodules, as before
     assert set(fastnoise.__all__) <= set(dir(fastnoise))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fastnoise.nope  # noqa: B018
