@@ -5,6 +5,7 @@ and torch then), so ``fastnoise --help`` and ``fastnoise recipes`` answer withou
 """
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -37,6 +38,9 @@ __all__ = list(_EXPORTS)
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
+        # a submodule (fastnoise.rng, fastnoise.modules, ...), as the eager package gave them
+        if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     where = _EXPORTS[name]
     value = (importlib.import_module(f".{name}", __name__) if where is None

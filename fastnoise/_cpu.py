@@ -8,9 +8,10 @@ build anew, and two source trees (a checkout and a worktree) keep a build each. 
 ``FASTNOISE_NO_EXT=1``, no compiler, no ninja, or a failed build, :func:`available` is False,
 one ``RuntimeWarning`` says why, and the CPU runs the pure-PyTorch reference.
 
-The kernels are compiled twice from one source: for the baseline of the build (x86-64: SSE2,
-any CPU torch runs on) and for AVX2 + FMA, picked at run time by the CPU's features
-(``FASTNOISE_CPU_ISA=baseline`` forces the baseline). Both give the same bits.
+The kernels are compiled three times from one source: for the baseline of the build (x86-64:
+SSE2, any CPU torch runs on), for AVX2 + FMA and for AVX-512 (F/BW/VL/DQ, 512-bit vectors),
+picked at run time by the CPU's features (``FASTNOISE_CPU_ISA=baseline``, ``avx2`` or ``avx512``
+forces one). All give the same bits.
 
 Backend code only: imports nothing of fastnoise above :mod:`fastnoise.dispatch`.
 """
@@ -32,7 +33,8 @@ __all__ = ["available", "why_unavailable", "library_path", "noisy_weight", "nois
            "philox_words", "kernel_isa", "set_kernel_isa", "SOURCES"]
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc" / "ops"
-SOURCES = ("noise.cpp", "cpu/noise_cpu.cpp", "cpu/noise_kernel_base.cpp", "cpu/noise_kernel_avx2.cpp")
+SOURCES = ("noise.cpp", "cpu/noise_cpu.cpp", "cpu/noise_kernel_base.cpp", "cpu/noise_kernel_avx2.cpp",
+           "cpu/noise_kernel_avx512.cpp")
 _HEADERS = ("cpu/kernel_api.h", "cpu/noise_kernel.h")
 # -fno-math-errno: sqrt becomes the instruction (vectorisable); -ffp-contract=off: no fused
 # multiply-adds, so the baseline and AVX2 copies round alike; -fopenmp: at::parallel_for's
@@ -169,10 +171,11 @@ def philox_words(seed: int, offset: int, stream: int, rows: int, groups: int) ->
 
 
 def kernel_isa() -> str:
-    """``"avx2"`` or ``"baseline"``: the kernel copy in use."""
+    """``"avx512"``, ``"avx2"`` or ``"baseline"``: the kernel copy in use."""
     return _ops().kernel_isa()
 
 
 def set_kernel_isa(isa: str) -> str:
-    """Use the ``"baseline"`` or ``"avx2"`` copy (``"auto"``: by the CPU); returns the previous."""
+    """Use the ``"baseline"``, ``"avx2"`` or ``"avx512"`` copy (``"auto"``: by the CPU); returns
+    the previous."""
     return _ops().set_kernel_isa(isa)

@@ -1,7 +1,7 @@
 """What a newcomer trips on (issue 22, item 4): ``fastnoise recipes NAME``, close keys suggested,
 Python errors naming Python arguments, the clean -> noise chain of ``fit``, ``fit(verbose=)``,
-progress without carriage returns off a terminal, ``--help`` without torch, ``eval --run`` on the
-chips of the run."""
+progress without carriage returns off a terminal, ``--help`` without torch, ``eval --run`` as the
+pass at the end of ``train``."""
 
 import copy
 import io
@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from _fit_worker import make_data, make_model
 
 import fastnoise
@@ -42,6 +43,7 @@ def test_package_names_load_on_first_use():
 
     assert callable(fastnoise.convert) and fastnoise.convert.__name__ == "convert"
     assert fastnoise.functional.__name__ == "fastnoise.functional"
+    assert fastnoise.pregenerate.__name__ == "fastnoise.pregenerate"  # submodules, as before
     assert set(fastnoise.__all__) <= set(dir(fastnoise))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fastnoise.nope  # noqa: B018
@@ -167,15 +169,27 @@ def test_plain_progress_writes_a_line_a_tenth():
     assert buf.getvalue() == "x: 5/5 (100%)\n"
 
 
-def test_eval_run_meets_the_chips_of_the_run(tmp_path, capsys):
+def test_eval_run_is_the_pass_at_the_end_of_train(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
     args = ["train", "--recipe", "digits", "--out", out, "--device", "cpu", "--no-progress",
             "method.name=noise", "model.init=null", "teacher.epochs=0", "schedule.epochs=1",
             "eval.etas=[0,0.1]", "eval.draws=2", "eval.epoch_draws=0", "model.channels_last=true"]
     assert main(args) == 0
     capsys.readouterr()
+    import fastnoise.robustness as robustness
+
+    seen = {}
+    evaluate = robustness.evaluate_robustness
+
+    def spy(model, *args, **kw):
+        seen["channels_last"] = kw.get("channels_last")
+        seen["weight"] = model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+        return evaluate(model, *args, **kw)
+
+    monkeypatch.setattr(robustness, "evaluate_robustness", spy)
     assert main(["eval", "--run", out, "--no-progress"]) == 0
+    assert seen == {"channels_last": True, "weight": True}  # the run's memory format
     ran, evaluated = (os.path.join(out, *p, "robustness.csv") for p in ((), ("eval",)))
     with open(ran) as a, open(evaluated) as b:
-        assert a.read() == b.read()  # the same chips (the run's seed) as the table at the end of train
+        assert a.read() == b.read()  # the same chips as the table at the end of train
     assert len(json.load(open(os.path.join(out, "metrics.json")))) == 1

@@ -48,13 +48,16 @@ def _isas():
     if not _cpu.available():
         return ["baseline"]
     previous = _cpu.kernel_isa()
+    isas = ["baseline"]
     try:
-        _cpu.set_kernel_isa("avx2")
-        return ["baseline", "avx2"]
-    except RuntimeError:  # no AVX2 + FMA
-        return ["baseline"]
+        for isa in ("avx2", "avx512"):
+            _cpu.set_kernel_isa(isa)
+            isas.append(isa)
+    except RuntimeError:  # no AVX2 + FMA, or no AVX-512
+        pass
     finally:
         _cpu.set_kernel_isa(previous)
+    return isas
 
 
 ISAS = _isas()
@@ -150,7 +153,7 @@ def test_one_two_and_three_threads_give_the_same_bits(rows):
 
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no AVX2 + FMA")
-def test_baseline_and_avx2_give_the_same_bits():
+def test_baseline_avx2_and_avx512_give_the_same_bits():
     w = torch.randn(33, 517).to(F16)
     sigma = torch.tensor([0.05])
     out = {}
@@ -161,12 +164,14 @@ def test_baseline_and_avx2_give_the_same_bits():
                         _cpu.noisy_weight(w, sigma, MODE_PROPORTIONAL, 3, 4, BF16))
         finally:
             _cpu.set_kernel_isa(previous)
-    assert all(torch.equal(a, b) for a, b in zip(out["baseline"], out["avx2"], strict=True))
+    for isa in ISAS[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(out["baseline"], out[isa], strict=True)), isa
 
 
-def test_only_the_avx2_copy_uses_avx():
-    """The build runs on any x86-64 CPU: no VEX-encoded (AVX) instruction outside the AVX2 copy
-    of the kernels, which runs only where the CPU has AVX2 + FMA (objdump of the library)."""
+def test_only_the_avx2_and_avx512_copies_use_avx():
+    """The build runs on any x86-64 CPU: no VEX- or EVEX-encoded (AVX) instruction outside the
+    AVX2 and AVX-512 copies of the kernels, which run only where the CPU has those (objdump of
+    the library)."""
     import re
     import shutil
 
@@ -175,7 +180,7 @@ def test_only_the_avx2_copy_uses_avx():
         pytest.skip("needs objdump and the built library on Linux x86-64")
     text = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", _cpu.library_path()],
                           capture_output=True, text=True, check=True).stdout
-    fn, vex_outside, avx2_ymm = None, set(), 0
+    fn, vex_outside, avx2_ymm, avx512_zmm = None, set(), 0, 0
     for line in text.splitlines():
         m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if m:
@@ -185,10 +190,14 @@ def test_only_the_avx2_copy_uses_avx():
         if m and fn is not None:
             if "fastnoise_cpu::avx2::" in fn:
                 avx2_ymm += "%ymm" in line
+                assert "%zmm" not in line, (fn, line)
+            elif "fastnoise_cpu::avx512::" in fn:
+                avx512_zmm += "%zmm" in line
             else:
                 vex_outside.add(fn)
     assert not vex_outside, sorted(vex_outside)[:5]
     assert avx2_ymm > 1000  # the AVX2 copy is vectorised (256-bit registers)
+    assert avx512_zmm > 1000  # the AVX-512 copy with 512-bit registers
 
 
 # ----------------------------------------------------------------------------- W + sigma z

@@ -58,5 +58,6 @@ void init_tables();
 
 extern const Kernels kernels_baseline;  // the build's baseline (x86-64: SSE2)
 extern const Kernels kernels_avx2;      // AVX2 + FMA, chosen at run time on CPUs that have them
+extern const Kernels kernels_avx512;    // AVX-512 F/BW/VL/DQ, 512-bit vectors (set_kernel_isa)
 
 }  // namespace fastnoise_cpu
