@@ -222,3 +222,25 @@ def test_bad_input_is_one_clear_error_before_anything_is_written(tmp_path):
     _refused(tmp_path, "at least 2", train=[torch.tensor([3]) for _ in range(8)])
     bad_mask = [{"input_ids": s, "attention_mask": s[:5]} for s in token_data(8)]
     _refused(tmp_path, "fields of other lengths", train=bad_mask)
+
+
+def test_fit_study_of_a_causal_lm(tmp_path):
+    from fastnoise.train import fit_study
+
+    out = str(tmp_path / "study")
+    teacher = tiny_llama(seed=7)
+    study = fit_study(tiny_llama, token_data(32), token_data(8, seed=2), teacher=teacher, seeds=(0, 1),
+                      methods=("noise", "kd"), method={"top_k": 8},
+                      draws=2, epochs=1, batch_size=8, out=out, messages=lambda m: None, **SETTINGS)
+    assert "perplexity on 88 held-out tokens" in study.tables and "lower is better" in study.tables
+    assert all(r.metric == "perplexity" for r in study.results.values())
+    with open(os.path.join(out, "accuracies.csv")) as f:
+        assert f.readline().strip().endswith(",perplexity")
+    d = study.difference("kd", 2)
+    assert math.isfinite(d["mean"]) and d["low"] <= d["mean"] <= d["high"]
+    # resumed: every evaluation read back, the same tables
+    again = fit_study(tiny_llama, token_data(32), token_data(8, seed=2), teacher=teacher, seeds=(0, 1),
+                      methods=("noise", "kd"), method={"top_k": 8},
+                      draws=2, epochs=1, batch_size=8, out=out, resume=True, messages=lambda m: None,
+                      **SETTINGS)
+    assert again.tables == study.tables
