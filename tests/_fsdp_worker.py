@@ -4,10 +4,10 @@ dict, trained a few steps with weight noise (``noise``) or KD + noise (``kd``, t
 replicated on every rank) on this rank's share of each global batch.
 
 Without torchrun (no ``WORLD_SIZE``) it trains the unsharded model on the whole batch: the one
-process FSDP must equal. Writes ``OUT/rank{r}.json``: the mean loss of every step over the global
-batch, the final full weights (rank 0), the layers' noise counters.
+process FSDP must equal. Writes ``OUT/MODE-rank{r}.json`` for each mode: the mean loss of every
+step over the global batch, the final full weights (rank 0), the layers' noise counters.
 
-    python _fsdp_worker.py OUT noise|kd
+    python _fsdp_worker.py OUT noise kd
 """
 
 from __future__ import annotations
@@ -30,14 +30,25 @@ STEPS, GLOBAL_BATCH = 3, 4
 SPEC = fastnoise.NoiseSpec(eta=0.1)
 
 
-def main(out: str, mode: str) -> None:
+def main(out: str, modes: list) -> None:
     torch.set_num_threads(1)
     distributed = "WORLD_SIZE" in os.environ
-    rank, world = 0, 1
     if distributed:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
+    for mode in modes:
+        train(out, mode, distributed)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train(out: str, mode: str, distributed: bool) -> None:
+    rank, world = 0, 1
+    if distributed:
+        import torch.distributed as dist
+
         rank, world = dist.get_rank(), dist.get_world_size()
     fastnoise.manual_seed(0)
     reference = fastnoise.convert(tiny_llama(seed=0), SPEC)  # the weights every run starts from
@@ -91,12 +102,9 @@ def main(out: str, mode: str) -> None:
     if rank == 0:
         record["weights"] = {k: v.tolist() for k, v in weights.items()}
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    with open(os.path.join(out, f"{mode}-rank{rank}.json"), "w") as f:
         json.dump(record, f, default=str)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2:])
