@@ -53,18 +53,22 @@ def _losses(trainer):
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
 
-def _train(out, stop=None, resume=None, cls=NoisyTrainer, noise_seed=0, **kw):
+def _train(out, stop=None, resume=None, cls=NoisyTrainer, noise_seed=0, callback=False, **kw):
     model = _model()
     fastnoise.manual_seed(noise_seed)  # a fresh process's noise seed; the checkpoint's replaces it
-    callbacks = [_StopAt(stop)] if stop else []
+    callbacks = ([_StopAt(stop)] if stop else []) + ([NoiseStateCallback()] if callback else [])
     trainer = cls(model=model, args=_args(out), train_dataset=_data(), callbacks=callbacks, **kw)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
-@pytest.mark.parametrize("kd", [False, True], ids=["noise", "kd"])
+@pytest.mark.parametrize("kd", [False, True], ids=["trainer_with_callback", "noisy_trainer_kd"])
 def test_resume_from_checkpoint_continues_the_same_noise(tmp_path, kd):
-    kw = {"teacher": tiny_llama(seed=5), "temperature": 2.0, "alpha": 0.5, "top_k": 8} if kd else {}
+    """A plain Trainer with NoiseStateCallback (noise only), and NoisyTrainer with a teacher."""
+    from transformers import Trainer
+
+    kw = ({"teacher": tiny_llama(seed=5), "temperature": 2.0, "alpha": 0.5, "top_k": 8} if kd
+          else {"cls": Trainer, "callback": True})
     full = _train(str(tmp_path / "full"), **kw)
     split = str(tmp_path / "split")
     _train(split, stop=2, **kw)
