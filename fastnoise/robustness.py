@@ -9,8 +9,14 @@ at every eta (only sigma changes), so the curve is smooth in eta, and it depends
 model: two models of the same architecture (a teacher and its students, a model and its deep
 copy, a model saved and reloaded) are measured on the same simulated chips.
 
-The result prints as a table (eta | mean | std | min | max, accuracies in percent, std over
-draws with Bessel's correction), writes a CSV and a PNG plot; :func:`plot_results` /
+A causal language model (:mod:`fastnoise.lm`: batches of token ids, a model returning logits
+``[B, T, V]``) is measured by its perplexity instead (``exp`` of the mean next-token negative
+log-likelihood over every counted token of the data, per chip; lower is better), with the
+next-token accuracy of each pass in ``extra["accuracy"]``; the task is read from the batches or
+named (``task="causal_lm"``).
+
+The result prints as a table (eta | mean | std | min | max, accuracies in percent or
+perplexities, std over draws with Bessel's correction), writes a CSV and a PNG plot; :func:`plot_results` /
 :func:`results_table` put several named results side by side.
 """
 
@@ -26,7 +32,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import rng
+from . import lm, rng
 from .context import noise
 from .convert import noisy_layers
 from .modules import weight_ids
@@ -37,7 +43,12 @@ __all__ = ["RobustnessResult", "evaluate_robustness", "results_table", "results_
 
 @dataclass
 class RobustnessResult:
-    """Top-1 accuracies (percent) per eta: ``accuracies[i]`` holds one value per draw of ``etas[i]``."""
+    """Top-1 accuracies (percent) per eta: ``accuracies[i]`` holds one value per draw of ``etas[i]``.
+
+    For a causal LM (``metric == "perplexity"``) ``accuracies[i]`` holds the perplexities (lower
+    is better), ``extra["accuracy"][i]`` the next-token accuracies (percent) of the same passes,
+    and ``samples`` counts tokens.
+    """
 
     etas: list
     accuracies: list
@@ -45,6 +56,11 @@ class RobustnessResult:
     scale: Optional[str] = None
     samples: int = 0
     extra: dict = field(default_factory=dict)
+    metric: str = "top1"
+
+    @property
+    def what(self) -> str:
+        return "perplexity" if self.metric == "perplexity" else "top-1 accuracy (%)"
 
     def __post_init__(self):
         assert len(self.etas) == len(self.accuracies)
@@ -79,7 +95,8 @@ class RobustnessResult:
     def table(self) -> str:
         """A Markdown table: eta | draws | mean | std | min | max (top-1 %)."""
         scale = f", scale={self.scale}" if self.scale else ""
-        lines = [f"{self.name}: top-1 accuracy (%) under weight noise{scale}, {self.samples} samples",
+        unit = "tokens" if self.metric == "perplexity" else "samples"
+        lines = [f"{self.name}: {self.what} under weight noise{scale}, {self.samples} {unit}",
                  "| eta | draws | mean | std | min | max |", "|---|---|---|---|---|---|"]
         for r in self.rows():
             lines.append(f"| {r['eta']:g} | {r['draws']} | {r['mean']:.2f} | {r['std']:.2f} | "
@@ -103,7 +120,7 @@ class RobustnessResult:
                            + [""] * (width - len(a)))
 
     def plot(self, path: str, title: Optional[str] = None) -> None:
-        """PNG: mean top-1 against eta with a +-1 std band."""
+        """PNG: mean top-1 (or perplexity) against eta with a +-1 std band."""
         plot_results({self.name: self}, path, title=title)
 
 
@@ -156,8 +173,9 @@ def plot_results(results, path: str, title: Optional[str] = None) -> None:
         ax.fill_between(r.etas, (mean - std).tolist(), (mean + std).tolist(), alpha=0.2)
     scale = next(iter(named.values())).scale
     ax.set_xlabel(f"eta (noise scale: {scale})" if scale else "eta")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or "accuracy under weight noise (mean ± std over draws)")
+    first = next(iter(named.values()))
+    ax.set_ylabel(first.what)
+    ax.set_title(title or f"{first.what} under weight noise (mean ± std over draws)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -176,29 +194,51 @@ def _check_etas(etas) -> list:
     return [float(e) for e in etas]
 
 
-def _top1(model: nn.Module, loader: Iterable, device, autocast_dtype, channels_last) -> tuple[int, int]:
-    correct = total = 0
+def _one_pass(model: nn.Module, loader: Iterable, device, autocast_dtype, channels_last,
+              task: Optional[str]) -> tuple[str, list]:
+    """One pass over ``loader``: ``("classification", [correct, total])`` or, for a causal LM (named, or
+    read from the first batch), ``("causal_lm", [nll sum, tokens, correct])``."""
+    stats: list = []
+    options = None
     for batch in loader:
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise TypeError("the loader must yield (inputs, targets) pairs")
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if task is None:
+            task = "causal_lm" if lm.is_token_batch(batch) else "classification"
         amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                else contextlib.nullcontext())
-        with amp:
-            out = model(x)
-        correct += int((out.argmax(-1) == y).sum())
-        total += int(y.numel())
-    return correct, total
+        if task == "causal_lm":
+            b = lm.as_batch(batch, device)
+            options = lm.call_options(model) if options is None else options
+            with amp:
+                logits = lm.logits_of(model, b, options)
+            nll, tokens, correct = lm.token_stats(logits, lm.shifted_targets(b))
+            got = [float(nll), float(tokens), float(correct)]
+            stats = got if not stats else [a + g for a, g in zip(stats, got, strict=True)]
+            continue
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise TypeError("the loader must yield (inputs, targets) pairs (or, for a causal LM, "
+                            "token-id tensors [batch, T] or dicts with 'input_ids')")
+        got = _top1_batch(model, batch, device, amp, channels_last)
+        stats = got if not stats else [a + g for a, g in zip(stats, got, strict=True)]
+    return (task or "classification"), stats
+
+
+def _top1_batch(model: nn.Module, batch, device, amp, channels_last) -> list:
+    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with amp:
+        out = model(x)
+    return [int((out.argmax(-1) == y).sum()), int(y.numel())]
 
 
 def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float], draws: int,
                         spec: Optional[NoiseSpec] = None, *, device=None, progress: bool = True,
                         name: str = "model", autocast_dtype: Optional[torch.dtype] = None,
                         channels_last: bool = False, distributed: bool = False,
-                        pregenerate: Optional[bool] = None, seed: Optional[int] = None) -> RobustnessResult:
-    """Top-1 accuracy (percent) of ``model`` on ``loader`` under weight noise.
+                        pregenerate: Optional[bool] = None, seed: Optional[int] = None,
+                        task: Optional[str] = None) -> RobustnessResult:
+    """Top-1 accuracy (percent), or a causal LM's perplexity, of ``model`` on ``loader`` under
+    weight noise.
 
     For each ``eta``: one clean pass if ``eta == 0``, else ``draws`` passes, pass ``k`` inside
     ``fastnoise.noise(eta=eta, scale=spec.scale, draw=k)`` (one fixed noisy copy of the weights
@@ -207,7 +247,9 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
 
     Args:
         model: a model with fastnoise layers (:func:`fastnoise.convert`).
-        loader: yields ``(inputs, targets)``; iterated once per pass.
+        loader: yields ``(inputs, targets)``, or token-id batches (:mod:`fastnoise.lm`: an
+            integer tensor ``[B, T]`` or a dict with ``input_ids``, ``attention_mask``,
+            ``labels``); iterated once per pass.
         etas: noise levels (finite, >= 0).
         draws: simulated chips per nonzero eta (>= 1).
         spec: its ``scale`` and ``noise_bias`` replace the layers' (its ``eta`` is not used);
@@ -226,6 +268,9 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
         seed: the chips: draw ``k`` of seed ``seed``, each layer named by its place in ``model``
             (see the module docstring). None: :func:`fastnoise.initial_seed` and the layers' own
             ids.
+        task: ``"classification"`` (top-1) or ``"causal_lm"`` (perplexity, next-token
+            accuracy in ``extra["accuracy"]``); None: read from the first batch (token ids:
+            ``causal_lm``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -243,6 +288,8 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
     device = torch.device(device)
     if seed is not None:
         rng.check_seed(seed)
+    if task is not None and task not in lm.TASKS:
+        raise ValueError(f"task must be one of {list(lm.TASKS)} or None, got {task!r}")
     overrides = {} if spec is None else {"scale": spec.scale, "noise_bias": spec.noise_bias}
     passes = [(i, e, k) for i, e in enumerate(etas) for k in (range(1) if e == 0 else range(draws))]
 
@@ -254,6 +301,7 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
     was_training = model.training
     model.eval()
     results: list = [[] for _ in etas]
+    token_acc: list = [[] for _ in etas]
     samples = 0
     if pregenerate is None:
         pregenerate = True
@@ -270,17 +318,28 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
             for i, e, k in passes:
                 ctx = noise(enabled=False) if e == 0 else noise(eta=e, draw=k, seed=seed, **overrides)
                 with ctx:
-                    correct, total = _top1(model, loader, device, autocast_dtype, channels_last)
+                    task, stats = _one_pass(model, loader, device, autocast_dtype, channels_last, task)
+                if not stats:
+                    stats = [0.0, 0.0, 0.0] if task == "causal_lm" else [0, 0]
                 if distributed:
                     from torch import distributed as dist
 
-                    t = torch.tensor([correct, total], dtype=torch.float64, device=device)
+                    t = torch.tensor(stats, dtype=torch.float64, device=device)
                     dist.all_reduce(t)
-                    correct, total = int(t[0]), int(t[1])
-                if total == 0:
-                    raise ValueError("the loader yielded no samples")
-                samples = total
-                results[i].append(100.0 * correct / total)
+                    stats = t.tolist()
+                if task == "causal_lm":
+                    nll, tokens, correct = stats
+                    if tokens == 0:
+                        raise ValueError("the loader yielded no tokens to predict")
+                    samples = int(tokens)
+                    results[i].append(lm.perplexity(nll, tokens))
+                    token_acc[i].append(100.0 * correct / tokens)
+                else:
+                    correct, total = stats
+                    if total == 0:
+                        raise ValueError("the loader yielded no samples")
+                    samples = int(total)
+                    results[i].append(100.0 * correct / total)
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -289,8 +348,11 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
         model.train(was_training)
         if bar is not None:
             bar.close()
+    causal = task == "causal_lm"
     return RobustnessResult(etas, results, name=name,
-                            scale=spec.scale if spec is not None else _layer_scale(model), samples=samples)
+                            scale=spec.scale if spec is not None else _layer_scale(model), samples=samples,
+                            extra={"accuracy": token_acc} if causal else {},
+                            metric="perplexity" if causal else "top1")
 
 
 def _layer_scale(model: nn.Module) -> Optional[str]:

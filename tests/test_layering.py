@@ -22,7 +22,8 @@ LAYERS = [
                                 "_backends_conv", "_backends_cpu", "_cpu"}),
     ("ops", {"functional"}),
     ("layers", {"modules", "intercept", "convert"}),
-    ("users of layers", {"pregenerate", "robustness", "testing", "cli", "train", "__init__", "__main__"}),
+    ("users of layers", {"pregenerate", "robustness", "testing", "cli", "train", "lm", "integrations",
+                         "__init__", "__main__"}),
 ]
 
 

@@ -43,7 +43,7 @@ __all__ = ["fit", "FIT_ARGUMENTS", "NOT_FOR_FIT"]
 
 # settings that fit takes as its own arguments
 FIT_ARGUMENTS = {"schedule.epochs": "epochs=", "data.batch_size": "batch_size=",
-                 "model.channels_last": "channels_last="}
+                 "model.channels_last": "channels_last=", "task": "task="}
 # settings that name what fit is given (the model, the data, the teacher) or how a recipe builds it
 NOT_FOR_FIT = ("model.arch", "model.init", "data.dataset", "data.root", "data.num_classes",
                "data.image_size", "data.val_resize", "data.augment", "data.skip_unreadable",
@@ -95,12 +95,31 @@ def fit_config(method, spec: Optional[NoiseSpec], epochs: int, batch_size: Optio
     return cfg
 
 
+def resolve_task(task, train_data, val_data) -> str:
+    """The run's task: ``task`` if named (checked against the data), else read from the data
+    (token ids: ``"causal_lm"``, anything else ``"classification"``)."""
+    from .. import lm
+    from .lm import infer_task
+
+    if task is not None and task not in lm.TASKS:
+        raise ConfigError(f"task must be one of {list(lm.TASKS)} or None (read from the data), got {task!r}")
+    found = infer_task(train_data)
+    if found is None and val_data is not None:
+        found = infer_task(val_data)
+    if task == "causal_lm" and found == "classification":
+        raise ConfigError("task='causal_lm' but train_data[0] is not token ids: a causal LM trains on "
+                          "LongTensors [T] or dicts with 'input_ids' (and optional 'attention_mask', "
+                          "'labels')")
+    return task or found or "classification"
+
+
 def fit(model: nn.Module, train_data, val_data=None, *, method="noise",
         teacher: Optional[nn.Module] = None, spec: Optional[NoiseSpec] = None, epochs: int = 10,
         batch_size: Optional[int] = None, channels_last="auto", out_dir: Optional[str] = None,
         resume: bool = False,
         overwrite: bool = False, stop_at_step: Optional[int] = None, device=None,
-        messages: Callable[[str], None] = print, verbose: bool = True, **settings) -> TrainResult:
+        messages: Callable[[str], None] = print, verbose: bool = True, task: Optional[str] = None,
+        **settings) -> TrainResult:
     """Train ``model`` on ``train_data`` with one of the package's methods; returns a
     :class:`~fastnoise.train.trainer.TrainResult` (``.model``: the trained model, the very
     object passed in; ``.history``: one dict per epoch, as ``metrics.csv``; ``.robustness``: the
@@ -159,6 +178,11 @@ def fit(model: nn.Module, train_data, val_data=None, *, method="noise",
         verbose: True (default): the run's messages (the settings, one line per epoch, the
             robustness table at the end) go to ``messages``, with progress bars on a terminal;
             False: nothing is printed (the table is ``result.robustness.table()``).
+        task: ``"classification"`` or ``"causal_lm"`` (:mod:`fastnoise.train.lm`: data of
+            token ids, a Hugging Face causal LM or any module returning logits ``[B, T, V]``;
+            metrics: perplexity and next-token accuracy); None: read from ``train_data[0]``
+            (token ids: ``"causal_lm"``). ``method={"name": "kd", "top_k": 64}`` distils a
+            causal LM from the teacher's 64 largest logits per token.
         **settings: the recipe's other settings, nested by section as in a recipe's YAML
             (the ``model``, ``teacher`` and ``method`` sections are the arguments above):
             ``optim={"lr": 0.01, "name": "adamw"}``, ``noise={"exclude": ["fc"]}``,
@@ -173,6 +197,7 @@ def fit(model: nn.Module, train_data, val_data=None, *, method="noise",
     with the same seed meet the same simulated chips.
     """
     cfg = fit_config(method, spec, epochs, batch_size, channels_last, settings)
+    cfg["task"] = resolve_task(task, train_data, val_data)
     if isinstance(train_data, torch.utils.data.DataLoader):
         if batch_size is not None:
             raise ConfigError(f"batch_size={batch_size!r} with a DataLoader: the loader batches the data "

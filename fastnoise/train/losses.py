@@ -21,13 +21,15 @@ Both compute in float32 whatever the logits' dtype (bf16 under autocast).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_TEMPERATURE", "DEFAULT_LAMBDA", "DEFAULT_DISTANCE", "DISTANCES",
-           "kd_loss", "kd_terms", "consistency_loss", "feature_distance"]
+           "kd_loss", "kd_terms", "consistency_loss", "feature_distance", "token_kd_loss",
+           "teacher_top_k", "token_feature_distance"]
 
 # Measured on Fashion-MNIST (fashion_cnn, eta 0.08 range, 2 student epochs from a 92.1% teacher,
 # seed 0, 5 chips; docs/results.md, "Settings tried"): T = 2, 4 and 6 (alpha 0.9) and
@@ -129,3 +131,83 @@ def consistency_loss(noisy_feats: Sequence[Tensor], clean_feats: Sequence[Tensor
         raise ValueError(f"got {len(noisy_feats)} noisy features but {len(clean_feats)} clean ones")
     terms = [feature_distance(n, c, distance) for n, c in zip(noisy_feats, clean_feats, strict=True)]
     return torch.stack(terms).mean()
+
+
+# ----------------------------------------------------------------------------- language models
+def token_kd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
+                  temperature: float = DEFAULT_TEMPERATURE, teacher_top: Optional[Tensor] = None) -> Tensor:
+    """Token-level ``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the places where
+    ``mask`` is true (padding and places without a next token are left out), float32 scalar.
+
+    Args:
+        student_logits: ``[B, T, V]`` (gradients flow here).
+        teacher_logits: ``[B, T, V]`` (detached); or, with ``teacher_top``, the teacher's
+            log-probabilities at temperature ``T`` of its k most likely tokens, ``[B, T, k]``
+            (:func:`teacher_top_k`), whose token indices ``teacher_top`` holds. Then the KL is
+            over k + 1 outcomes: those k tokens and "any other token" (the teacher's remaining
+            mass against the student's), so only ``[B, T, k]`` of the teacher is kept, the value
+            is 0 when the student's distribution is the teacher's, and with k = V it is the full
+            KL.
+        mask: ``[B, T]`` bool, the places counted.
+        temperature: ``T`` > 0.
+    """
+    _check_temperature_alpha(temperature, 0.0)
+    if mask.shape != student_logits.shape[:2]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(student_logits.shape)}")
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if teacher_top is None:
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                             f"{tuple(teacher_logits.shape)} differ in shape")
+        log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # [B, T]
+    else:
+        if teacher_top.shape != teacher_logits.shape or teacher_top.shape[:2] != student_logits.shape[:2]:
+            raise ValueError(f"teacher top-k indices {tuple(teacher_top.shape)} and log-probabilities "
+                             f"{tuple(teacher_logits.shape)} do not fit logits {tuple(student_logits.shape)}")
+        log_p_t = teacher_logits.detach().float()
+        log_q = log_p_s.gather(-1, teacher_top.long())
+        p_t = log_p_t.exp()
+        kl = (p_t * (log_p_t - log_q)).sum(-1)
+        if teacher_top.shape[-1] < student_logits.shape[-1]:  # (k = V: no other token)
+            kl = kl + _rest_term(p_t, log_q)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1.0) * (temperature * temperature)
+
+
+def _rest_term(p_t: Tensor, log_q: Tensor) -> Tensor:
+    """The KL's term of "any token outside the teacher's top k"."""
+    tiny = torch.finfo(torch.float32).tiny
+    rest_t = (1.0 - p_t.sum(-1)).clamp_min(0.0)
+    rest_s = (1.0 - log_q.exp().sum(-1)).clamp_min(tiny)
+    return torch.where(rest_t > 0, rest_t * (rest_t.clamp_min(tiny).log() - rest_s.log()),
+                       torch.zeros_like(rest_t))
+
+
+def teacher_top_k(teacher_logits: Tensor, k: int, temperature: float = DEFAULT_TEMPERATURE) -> tuple:
+    """``(log-probabilities at T of the k most likely tokens, their indices)``, ``[B, T, k]``
+    each: what :func:`token_kd_loss` needs of the teacher with ``teacher_top``."""
+    t = teacher_logits.float() / temperature
+    values, indices = t.topk(min(k, t.shape[-1]), dim=-1)
+    return values - torch.logsumexp(t, dim=-1, keepdim=True), indices
+
+
+def token_feature_distance(noisy: Tensor, clean: Tensor, mask: Optional[Tensor],
+                           distance: str = DEFAULT_DISTANCE) -> Tensor:
+    """One layer's distance between noisy and clean hidden states ``[B, T, H]`` (clean detached),
+    per token (``1 - cos`` over H, or the mean squared difference over H), averaged over the
+    tokens where ``mask`` (``[B, T]``) is true, or over all of them; float32 scalar."""
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if noisy.shape != clean.shape:
+        raise ValueError(f"noisy feature {tuple(noisy.shape)} and clean feature "
+                         f"{tuple(clean.shape)} differ in shape")
+    n, c = noisy.float(), clean.detach().float()
+    if distance == "mse":
+        d = (n - c).pow(2).mean(-1)
+    else:
+        d = 1.0 - F.cosine_similarity(n, c, dim=-1, eps=1e-8)
+    if mask is None:
+        return d.mean()
+    m = mask.to(d.dtype)
+    return (d * m).sum() / m.sum().clamp_min(1.0)

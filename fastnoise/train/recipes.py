@@ -46,6 +46,7 @@ METHODS = ("clean", "noise", "kd", "consistency")
 DEFAULTS: dict = {
     "name": "run",
     "seed": 0,
+    "task": "classification",    # classification | causal_lm (fit's given models: fastnoise.train.lm)
     "data": {
         "dataset": "digits",     # digits | fashion_mnist | cifar10 | imagefolder | package.module:function
         "root": None,            # local folder (cifar10, imagefolder; fashion_mnist: Debian's if unset)
@@ -79,6 +80,7 @@ DEFAULTS: dict = {
         "distance": "cosine",    # consistency: cosine | mse (losses.DEFAULT_DISTANCE; mse diverged on
                                  # Fashion-MNIST)
         "label_smoothing": 0.0,
+        "top_k": None,           # kd of a causal LM: distil from the teacher's k largest logits per token
     },
     "noise": {
         "eta": 0.06,
@@ -283,6 +285,16 @@ def validate(cfg: dict) -> dict:
     from .models import ARCHS
 
     _num(cfg, "seed", 0, integer=True)
+    _choice(cfg, "task", ["classification", "causal_lm"])
+    recipe_built = cfg["model"]["arch"] is not None or cfg["data"]["dataset"] is not None
+    if cfg["task"] == "causal_lm" and recipe_built:
+        raise ConfigError("task=causal_lm trains a given model on given token data (fastnoise.train.fit): "
+                          "model.arch and data.dataset must be null")
+    _num(cfg, "method.top_k", 1, integer=True, allow_none=True)
+    if cfg["method"]["top_k"] is not None and cfg["task"] != "causal_lm":
+        raise ConfigError("method.top_k is for causal LMs (the teacher's top-k logits per token)")
+    if cfg["method"]["label_smoothing"] and cfg["task"] == "causal_lm":
+        raise ConfigError("method.label_smoothing is for classifiers: leave it 0 for a causal LM")
     _name_or_import(cfg, "data.dataset", sorted(_BUILDERS), given_ok=True)
     _num(cfg, "data.num_classes", 2, integer=True, allow_none=True)
     _num(cfg, "data.image_size", 8, integer=True, allow_none=True)

@@ -19,6 +19,9 @@ Table 1: top-1 mean ± std per model and eta over all seeds and chips (the std h
 seed-to-seed and the chip-to-chip spread). Table 2: for each method, the paired difference to
 noise-only, ``mean [95% CI]`` in points of top-1, from :func:`paired_difference`.
 
+A causal LM (``fit_study(..., task="causal_lm")`` or token data) is measured by perplexity
+instead (lower is better: a negative difference to noise-only is a gain), with the same pairing.
+
 The interval. A cell's data are ``d[s][k] = acc(method, s, chip k) - acc(noise, s, chip k)``.
 The draws within a seed share the seed's two trained models, so they are not independent
 replicates: treating the ``S x K`` differences as independent would shrink the interval by up
@@ -184,6 +187,10 @@ class StudyResult:
         return paired_difference(diffs, level)
 
 
+def _metric(study: StudyResult) -> str:
+    return next(iter(study.results.values())).metric if study.results else "top1"
+
+
 def _mean_std(values) -> tuple[float, float]:
     m = sum(values) / len(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
@@ -208,7 +215,8 @@ def format_tables(study: StudyResult, header: str = "") -> str:
         lines.append(f"| {e:g} | " + " | ".join(cells) + " |")
     others = [m for m in study.models if m not in ("teacher", BASELINE)]
     if BASELINE in study.models and others:
-        lines += ["", f"Paired difference to {BASELINE}-only (points of top-1, same seed and same chip): "
+        unit = "perplexity, lower is better" if _metric(study) == "perplexity" else "points of top-1"
+        lines += ["", f"Paired difference to {BASELINE}-only ({unit}, same seed and same chip): "
                   f"mean [95% CI], t over the {len(study.seeds)} per-seed means", "",
                   "| eta | " + " | ".join(f"{m} - {BASELINE}" for m in others) + " |",
                   "|---|" + "---|" * len(others)]
@@ -386,12 +394,13 @@ def _amp_dtype(cfg: dict, dev: torch.device) -> Optional[torch.dtype]:
     return dtype
 
 
-def _measure(study: StudyResult, load: Callable, loader, dtype, dev, progress: bool, step: Callable) -> None:
+def _measure(study: StudyResult, load: Callable, loader, dtype, dev, progress: bool, step: Callable,
+             task: Optional[str] = None) -> None:
     """Every model of ``study`` on the chips of each seed (``load(name, seed)`` gives the model
     and whether it runs channels_last); results already in ``OUT/evals`` are read back."""
     # the validation set is read once and kept as batches (it has no augmentation): the
     # evaluation makes 1 + draws x etas passes over it per model and seed
-    loader = [(x, y) for x, y in loader]
+    loader = list(loader)
     out, etas, draws = study.out, study.etas, study.draws
     for s in study.seeds:
         identity = None
@@ -409,15 +418,17 @@ def _measure(study: StudyResult, load: Callable, loader, dtype, dev, progress: b
                 with open(cache) as f:
                     saved = json.load(f)
                 result = RobustnessResult(saved["etas"], saved["accuracies"], name=name,
-                                          scale=saved["scale"], samples=saved["samples"])
+                                          scale=saved["scale"], samples=saved["samples"],
+                                          extra=saved.get("extra", {}), metric=saved.get("metric", "top1"))
             else:
                 result = evaluate_on_chips(model, loader, etas, draws, chips=s, device=dev,
                                            autocast_dtype=dtype, name=f"{name} seed {s}",
-                                           progress=progress, channels_last=cl)
+                                           progress=progress, channels_last=cl, task=task)
                 result.name = name
                 with open(cache + ".tmp", "w") as f:
                     json.dump({"etas": result.etas, "accuracies": result.accuracies,
-                               "scale": result.scale, "samples": result.samples}, f)
+                               "scale": result.scale, "samples": result.samples,
+                               "extra": result.extra, "metric": result.metric}, f)
                 os.replace(cache + ".tmp", cache)
             study.results[(name, s)] = result
         step(f"evaluated seed {s}")
@@ -543,14 +554,15 @@ def _finish(study: StudyResult, header: str, cfg: dict, out: str, log) -> StudyR
 def _write_outputs(study: StudyResult, cfg: dict, csv_path: str) -> None:
     with open(csv_path + ".tmp", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["model", "seed", "chips", "eta", "draw", "top1"])
+        w.writerow(["model", "seed", "chips", "eta", "draw", "perplexity" if _metric(study) == "perplexity"
+                    else "top1"])
         for (name, s), r in study.results.items():
             for e, accs in zip(r.etas, r.accuracies, strict=True):
                 for k, a in enumerate(accs):
                     w.writerow([name, s, s, e, k if e > 0 else "", a])
     os.replace(csv_path + ".tmp", csv_path)
     pooled = {m: RobustnessResult(study.etas, [study.values(m, i) for i in range(len(study.etas))], name=m,
-                                  scale=cfg["noise"]["scale"]) for m in study.models}
+                                  scale=cfg["noise"]["scale"], metric=_metric(study)) for m in study.models}
     plot_results(pooled, os.path.join(study.out, "robustness.png"),
                  title=f"{cfg['name']}: trained at eta={cfg['noise']['eta']:g}, "
                        f"{len(study.seeds)} seeds x {study.draws} chips")
@@ -563,7 +575,8 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
               out: str = "runs/study-fit", methods: Sequence[str] = STUDY_METHODS,
               method: Optional[dict] = None, spec: Optional[NoiseSpec] = None, epochs: int = 10,
               batch_size: Optional[int] = None, resume: bool = False, device=None,
-              messages: Callable[[str], None] = print, **settings) -> StudyResult:
+              messages: Callable[[str], None] = print, task: Optional[str] = None,
+              **settings) -> StudyResult:
     """The study of :func:`run_study` on the user's own model and data, every run through
     :func:`fastnoise.train.fit`.
 
@@ -590,6 +603,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
         batch_size: as :func:`fit`.
         device: as :func:`fit`.
         messages: as :func:`fit`.
+        task: as :func:`fit`; a causal LM's study measures perplexity (lower is better).
         **settings: as :func:`fit`, without ``seed`` (the study sets it).
         out: the study folder; ``resume=True`` continues one: the same model, teacher, data
             and settings must be given again. Checked: the settings, the model's structure
@@ -598,7 +612,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
             be drawn at random).
     Returns a :class:`StudyResult` (its ``tables`` were printed through ``messages``).
     """
-    from .fitting import fit, fit_config
+    from .fitting import fit, fit_config, resolve_task
 
     if not (callable(model) or isinstance(model, torch.nn.Module)):
         raise ConfigError(f"model must be an nn.Module or a callable that builds one, got "
@@ -618,6 +632,8 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
     base_settings = dict(settings)
     base_settings["eval"] = {**settings.get("eval", {}), "etas": []}  # the study measures them all
     cfg = fit_config({"name": "noise", **method}, spec, epochs, batch_size, "auto", base_settings)
+    task = resolve_task(task, train_data, val_data)
+    cfg["task"] = task
     validate(copy.deepcopy(cfg))  # every setting holds before anything is written
     if "consistency" in methods and not cfg["method"]["layers"]:
         raise ConfigError("method has no layers: the consistency students need the module names whose "
@@ -667,7 +683,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
         started = os.path.isfile(os.path.join(run_dir, "last.pt"))
         fit(fresh(seed), train_data, val_data, out_dir=run_dir, resume=started, overwrite=not started,
             spec=spec, epochs=epochs, batch_size=batch_size, device=device, messages=messages, seed=seed,
-            **kw, **run_settings)
+            task=task, **kw, **run_settings)
 
     os.makedirs(os.path.join(out, "evals"), exist_ok=True)
     with open(os.path.join(out, MARKER), "w") as f:
@@ -679,7 +695,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
             started = os.path.isfile(os.path.join(teacher_dir, "last.pt"))
             fit(fresh(0), train_data, val_data, method="clean", out_dir=teacher_dir, resume=started,
                 overwrite=not started, spec=spec, epochs=teacher_epochs, batch_size=batch_size,
-                device=device, messages=messages, seed=0, **run_settings)
+                device=device, messages=messages, seed=0, task=task, **run_settings)
         teacher = trained(0, teacher_dir, noisy=False)  # a plain clean model, as a given teacher is
     for s in seeds:
         for m in methods:
@@ -705,9 +721,11 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
         return m.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format), cl
 
     study = StudyResult(out, etas, seeds, ["teacher", *methods], draws)
-    _measure(study, load, loader, _amp_dtype(cfg, dev), dev, False, lambda msg: None)
+    _measure(study, load, loader, _amp_dtype(cfg, dev), dev, False, lambda msg: None, task=task)
     samples = study.results[("teacher", seeds[0])].samples
-    header = (f"{cfg['name']}: top-1 (%) on {samples} held-out samples; students trained at "
+    what = f"perplexity on {samples} held-out tokens" if task == "causal_lm" else (
+        f"top-1 (%) on {samples} held-out samples")
+    header = (f"{cfg['name']}: {what}; students trained at "
               f"eta={eta:g} ({cfg['noise']['scale']} scale) from one clean teacher; mean ± std over "
               f"{len(seeds)} seeds x {draws} chips per seed (seeds {', '.join(map(str, seeds))})")
     return _finish(study, header, cfg, out, messages)

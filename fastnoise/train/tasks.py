@@ -91,10 +91,11 @@ class FeatureCapture:
     """Forward hooks that keep the outputs of the named submodules of ``model`` while recording.
 
     ``with capture.recording() as feats: model(x)`` fills ``feats`` (a list, in the order of
-    ``names``). Outside a recording the hooks do nothing.
+    ``names``). Outside a recording the hooks do nothing. ``first_tensor=True`` keeps the first
+    item of a module that returns a tuple (a transformer block's hidden states).
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]):
+    def __init__(self, model: nn.Module, names: Sequence[str], first_tensor: bool = False):
         modules = dict(model.named_modules())
         unknown = [n for n in names if n not in modules]
         if unknown:
@@ -102,6 +103,7 @@ class FeatureCapture:
             raise ValueError(f"method.layers: no module named {unknown[0]!r} in the model "
                              f"(some names it has: {known})")
         self.names = list(names)
+        self.first_tensor = first_tensor
         self._store: Optional[dict] = None
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
 
@@ -109,6 +111,9 @@ class FeatureCapture:
         def hook(module, inputs, output):
             if self._store is None:
                 return
+            if (self.first_tensor and isinstance(output, (tuple, list)) and output
+                    and isinstance(output[0], torch.Tensor)):
+                output = output[0]
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"method.layers: {name!r} returns {type(output).__name__}, not a tensor")
             self._store[name] = output

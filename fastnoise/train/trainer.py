@@ -65,16 +65,10 @@ from . import distributed
 from . import runfolder as rf
 from .data import EpochBatchSampler, build_data, eval_loader, train_loader
 from .errors import ConfigError
+from .kinds import kind_for
 from .models import CLASSIFIER, CONVNETS, build_model
 from .recipes import load_config_file, validate
-from .tasks import (
-    ClassificationTask,
-    ConsistencyTask,
-    DistillationTask,
-    FeatureCapture,
-    FrozenTeacher,
-    eval_mode,
-)
+from .tasks import FeatureCapture
 
 __all__ = ["Trainer", "TrainResult", "Given", "train", "RUN_FILES", "teacher_config", "lr_factor",
            "check_model_fits", "CHECKPOINT_VERSION"]
@@ -172,17 +166,6 @@ def _size(data) -> int:
         return len(inner)
     except TypeError:
         return len(data)
-
-
-def _first_sample(data):
-    """``data[0]`` of a map-style dataset (or a DataLoader's), without iterating a loader."""
-    inner = data.dataset if isinstance(data, torch.utils.data.DataLoader) else data
-    try:
-        if len(inner) == 0:
-            return None
-        return inner[0]
-    except (TypeError, NotImplementedError, KeyError, IndexError):
-        return None
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -406,9 +389,10 @@ class Trainer:
         return self.cfg["method"]["name"] == "kd" or self.cfg["model"]["init"] == "teacher"
 
     def _check_given(self) -> tuple:
-        """The given model and data fit each other (one batch of two validation samples through
-        the model in eval mode, without autograd: no state changes); returns the class count,
-        the model's name and whether it has convolutions. Checked before anything is written."""
+        """The given model and data fit each other (the kind's check: for a classifier one batch
+        of two validation samples through the model in eval mode, without autograd: no state
+        changes); returns the class count, the model's name and whether it has convolutions.
+        Checked before anything is written."""
         g, cfg = self.given, self.cfg
         if not isinstance(g.model, nn.Module):
             raise ConfigError(f"model must be an nn.Module, got {type(g.model).__name__}")
@@ -438,46 +422,7 @@ class Trainer:
                               f"(some names it has: {known})")
         if g.val is not None and _size(g.val) == 0:
             raise ConfigError("val_data has no samples")
-        sample = _first_sample(g.val) if g.val is not None else None
-        where = "val_data[0]"
-        if sample is None:
-            sample, where = _first_sample(g.train), "train_data[0]"
-        convnet = any(isinstance(m, nn.Conv2d) for m in g.model.modules())
-        if sample is None:  # nothing to look at without drawing from a loader: the first step tells
-            return None, type(g.model).__name__, convnet
-        if (not isinstance(sample, (tuple, list)) or len(sample) != 2
-                or not isinstance(sample[0], torch.Tensor)):
-            raise ConfigError(f"{where} is {type(sample).__name__}, not an (input tensor, label) pair")
-        classes = None
-        for what, m in (("model", g.model), ("teacher", g.teacher)):
-            if m is None:
-                continue
-            p = next(iter(m.parameters()), None)
-            x = torch.stack([sample[0], sample[0]]).to(p.device if p is not None else "cpu")
-            capture = FeatureCapture(m, names) if names and what == "model" else None
-            try:
-                with torch.no_grad(), eval_mode(m), (capture.recording() if capture is not None
-                                                     else contextlib.nullcontext()):
-                    out = m(x)
-            except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                raise ConfigError(f"the {what} does not take {where}'s input (of shape "
-                                  f"{list(sample[0].shape)}): {rf.first_line(e)}") from None
-            finally:
-                if capture is not None:
-                    capture.remove()
-            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or out.shape[1] < 2:
-                got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ConfigError(f"the {what} gives outputs of shape {got} for a batch of 2 inputs, "
-                                  "not [batch, classes]")
-            if classes is not None and out.shape[1] != classes:
-                raise ConfigError(f"the teacher has {out.shape[1]} outputs, the model {classes}")
-            classes = int(out.shape[1])
-        label = sample[1]
-        label = int(label) if isinstance(label, torch.Tensor) and label.numel() == 1 else label
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes:
-            raise ConfigError(f"{where}'s label is {sample[1]!r}: labels must be integers in [0, {classes}) "
-                              f"(the model has {classes} outputs)")
-        return classes, type(g.model).__name__, convnet
+        return self.kind.check_given(self)  # the data, and the model (and teacher) on them
 
     def _check_teacher_settings(self) -> None:
         t, m = self.cfg["teacher"], self.cfg["model"]
@@ -552,6 +497,7 @@ class Trainer:
         """Check everything, then create the run folder and build the model, task and optimizer."""
         cfg = self.cfg
         self.dist = distributed.setup(self.device_arg)
+        self.kind = kind_for(cfg["task"])
         # every rank checks (reading only); none writes before all have finished, so a
         # rank's checks never see rank 0's first writes (its lock, a new config.yaml)
         err = None
@@ -642,19 +588,7 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-        m = cfg["method"]
-        ls = m["label_smoothing"]
-        if m["name"] in ("clean", "noise"):
-            self.task = ClassificationTask(self.model, noisy=m["name"] == "noise", label_smoothing=ls)
-        elif m["name"] == "kd":
-            teacher = FrozenTeacher(teacher.to(dev, memory_format=fmt))
-            self.task = DistillationTask(self.model, teacher, m["temperature"], m["alpha"], ls)
-        else:
-            try:
-                self.task = ConsistencyTask(self.model, m["layers"], m["lambda"], m["distance"], ls,
-                                            base=self.base)
-            except ValueError as e:
-                raise ConfigError(str(e)) from e
+        self.task = self.kind.make_task(self, teacher, fmt)
 
         pin = dev.type == "cuda"
         if self._loader_given:
@@ -678,7 +612,7 @@ class Trainer:
         self.scaler = (torch.amp.GradScaler(dev.type) if self.amp_dtype == torch.float16 else None)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.best, self.best_epoch = -1.0, 0
+        self.best, self.best_epoch = self.kind.initial_best, 0
         self.sums: dict = {}
         self.metrics: list = []
         if self.resume and os.path.isfile(self._path("last.pt")):
@@ -875,16 +809,7 @@ class Trainer:
                 "progress": False}
 
     def _validate(self) -> dict:
-        if self.val_loader is None:
-            return {}
-        clean = evaluate_robustness(self.base, self.val_loader, [0.0], 1, **self._eval_kwargs())
-        out = {"val_top1": clean.mean[0]}
-        draws = self.cfg["eval"]["epoch_draws"]
-        eta = self.spec.eta
-        if draws > 0 and eta > 0:
-            r = evaluate_robustness(self.base, self.val_loader, [eta], draws, **self._eval_kwargs())
-            out["val_top1_noisy"] = r.mean[0]
-        return out
+        return self.kind.validate(self)
 
     def evaluate(self, etas=None, draws=None, seed: Optional[int] = None) -> RobustnessResult:
         """The robustness table of the current model on the validation set, on the simulated
@@ -894,7 +819,7 @@ class Trainer:
         if self.val_loader is None:
             raise ConfigError("this run has no validation data to evaluate on")
         e = self.cfg["eval"]
-        kw = self._eval_kwargs()
+        kw = {**self._eval_kwargs(), **self.kind.robustness_kwargs()}
         kw["progress"] = self.progress and self.dist.is_main
         result = evaluate_robustness(self.base, self.val_loader, e["etas"] if etas is None else etas,
                                      e["draws"] if draws is None else draws, name=self.cfg["name"],
@@ -903,16 +828,13 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ training
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+    def _step(self, batch) -> dict:
         dev = self.dist.device
-        x = x.to(dev, non_blocking=True)
-        y = y.to(dev, non_blocking=True)
-        if self._channels_last() and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        inputs = self.kind.inputs(batch, dev, self._channels_last())
         amp = (torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                else contextlib.nullcontext())
         with amp:
-            out = self.task(x, y)
+            out = self.task(*inputs)
         loss = out["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -923,13 +845,8 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
         self.scheduler.step()
-        n = torch.tensor(float(y.numel()), dtype=torch.float64, device=dev)
-        self._add("loss", loss * n)
-        for k in ("ce", "kd", "consistency"):
-            if k in out:
-                self._add(k, out[k] * n)
-        self._add("correct", (out["output"].argmax(-1) == y).sum())
-        self._add("samples", n)
+        for k, v in self.kind.sums(out, inputs).items():
+            self._add(k, v)
         return out
 
     def _epoch_row(self, seconds: float) -> dict:
@@ -942,7 +859,7 @@ class Trainer:
         for k in ("ce", "kd", "consistency"):
             if k in totals:
                 row[f"train_{k}"] = totals[k] / n
-        row["train_top1"] = 100.0 * totals.get("correct", 0.0) / n
+        row.update(self.kind.train_row(totals, n))
         row.update(self._validate())
         row["seconds"] = round(seconds, 3)
         return row
@@ -990,8 +907,8 @@ class Trainer:
                 self.base.train()
                 self.task.train()
                 self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-                for x, y in self.train_loader:
-                    out = self._step(x, y)
+                for batch in self.train_loader:
+                    out = self._step(batch)
                     self.step_in_epoch += 1
                     self.global_step += 1
                     rf.fault("step")
@@ -1020,16 +937,14 @@ class Trainer:
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.sums = {}
-                score = row.get("val_top1_noisy", row.get("val_top1"))
+                score = self.kind.score(row)
                 improved = score is not None and score > self.best
                 if improved:
                     self.best, self.best_epoch = score, self.epoch
                 self.metrics.append(row)
                 if self.dist.is_main:
                     self._write_metrics()
-                    noisy = f", noisy val {row['val_top1_noisy']:.2f}%" if "val_top1_noisy" in row else ""
-                    val = f", val {row['val_top1']:.2f}%" if "val_top1" in row else ""
-                    self.log(f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}{val}{noisy}")
+                    self.log(f"epoch {row['epoch']}/{epochs}: {self.kind.epoch_message(row)}")
                 # best.pt before last.pt: a kill between the two leaves last.pt at the previous
                 # epoch, which the resumed run redoes (writing the same best.pt again)
                 if improved and cfg["checkpoint"]["best"]:

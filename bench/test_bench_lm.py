@@ -1,0 +1,86 @@
+"""A Llama-style decoder train step on the CPU (one thread): fastnoise against the naive noisy
+layer (``W + sigma * randn_like(W)`` in every call) and the clean model, in one session: time
+(median) and live peak memory of one step, with ratios in ``extra_info``.
+
+The issue's targets: time at most naive's, peak memory at most clean + 10%. The default size is
+4 decoder layers x 512 wide, sequence 256, batch 1, vocabulary 2048 (``FASTNOISE_BENCH_LM=small``:
+2 x 256, sequence 128, for a busy machine).
+
+    python -m pytest bench/test_bench_lm.py --benchmark-columns=median,iqr,rounds
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _baselines import Medians, naive_classes
+from test_bench_cpu import _live_peak_bytes
+
+import fastnoise
+
+pytestmark = pytest.mark.cpu
+pytest.importorskip("pytest_benchmark")
+transformers = pytest.importorskip("transformers")
+
+ETA = 0.05
+SPEC = fastnoise.NoiseSpec(ETA, "absmax")
+PROVIDERS = ["clean", "naive", "fastnoise"]
+MEDIANS = Medians()
+PEAKS: dict = {}
+SMALL = os.environ.get("FASTNOISE_BENCH_LM") == "small"
+LAYERS, WIDTH, SEQ, VOCAB = (2, 256, 128, 1024) if SMALL else (4, 512, 256, 2048)
+NaiveLinear, _ = naive_classes(lambda w: ETA * w.detach().abs().max())  # SPEC's sigma
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _llama():
+    transformers.utils.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=WIDTH * 8 // 3,
+                                   num_hidden_layers=LAYERS, num_attention_heads=WIDTH // 64,
+                                   num_key_value_heads=WIDTH // 64, max_position_embeddings=SEQ)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _as(provider, model):
+    model = copy.deepcopy(model)
+    if provider == "naive":
+        for m in model.modules():
+            if type(m) is torch.nn.Linear:
+                m.__class__ = NaiveLinear
+    elif provider == "fastnoise":
+        fastnoise.convert(model, SPEC)
+    return model.train()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_llama_decoder_train_step(benchmark, provider):
+    model = _as(provider, _llama())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        opt.zero_grad(set_to_none=False)  # the .grad buffers stay: the step frees nothing older
+        logits = model(ids, use_cache=False).logits
+        F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).backward()
+        opt.step()
+
+    step()
+    peak = _live_peak_bytes(step)
+    benchmark.group = f"Llama {LAYERS} x {WIDTH}, sequence {SEQ}, train step"
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    benchmark.extra_info["peak_bytes"] = peak
+    PEAKS[provider] = peak
+    for base in ("clean", "naive"):
+        if base in PEAKS and base != provider:
+            benchmark.extra_info[f"peak_ratio_vs_{base}"] = round(peak / PEAKS[base], 3)
+    MEDIANS.record(benchmark, ("llama", "train"), provider)

@@ -1,0 +1,159 @@
+"""Task kinds: what the one training loop asks about its task (classifier or causal LM).
+
+A kind says how a given model and data are checked, which task a method makes, how a batch goes
+to the device and into the task, what the epoch's row holds, how validation runs and which epoch
+is best. :class:`ClassifierKind` is the classifiers' (``(input, label)`` data, top-1);
+:class:`~fastnoise.train.lm.CausalLMKind` the causal LMs' (token ids, perplexity). The Trainer
+(:mod:`fastnoise.train.trainer`) holds one in ``trainer.kind``, chosen by the ``task`` setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..robustness import evaluate_robustness
+from . import runfolder as rf
+from .errors import ConfigError
+from .tasks import (
+    ClassificationTask,
+    ConsistencyTask,
+    DistillationTask,
+    FeatureCapture,
+    FrozenTeacher,
+    Task,
+    eval_mode,
+)
+
+__all__ = ["ClassifierKind", "kind_for", "first_sample"]
+
+
+def first_sample(data):
+    """``data[0]`` of a map-style dataset (or a DataLoader's), without iterating a loader."""
+    inner = data.dataset if isinstance(data, torch.utils.data.DataLoader) else data
+    try:
+        if len(inner) == 0:
+            return None
+        return inner[0]
+    except (TypeError, NotImplementedError, KeyError, IndexError):
+        return None
+
+
+class ClassifierKind:
+    """Classifiers: ``(input tensor, integer label)`` samples, cross-entropy, top-1."""
+
+    name = "classification"
+    initial_best = -1.0
+
+    def check_given(self, trainer) -> tuple:
+        """One batch of two validation samples through the model (and teacher) in eval mode,
+        without autograd: ``(classes, the model's name, whether it has convolutions)``."""
+        g, cfg = trainer.given, trainer.cfg
+        names = cfg["method"]["layers"] if cfg["method"]["name"] == "consistency" else []
+        sample = first_sample(g.val) if g.val is not None else None
+        where = "val_data[0]"
+        if sample is None:
+            sample, where = first_sample(g.train), "train_data[0]"
+        convnet = any(isinstance(m, nn.Conv2d) for m in g.model.modules())
+        if sample is None:  # nothing to look at without drawing from a loader: the first step tells
+            return None, type(g.model).__name__, convnet
+        if (not isinstance(sample, (tuple, list)) or len(sample) != 2
+                or not isinstance(sample[0], torch.Tensor)):
+            raise ConfigError(f"{where} is {type(sample).__name__}, not an (input tensor, label) pair "
+                              "(token ids for a causal LM: task='causal_lm')")
+        classes = None
+        for what, m in (("model", g.model), ("teacher", g.teacher)):
+            if m is None:
+                continue
+            p = next(iter(m.parameters()), None)
+            x = torch.stack([sample[0], sample[0]]).to(p.device if p is not None else "cpu")
+            capture = FeatureCapture(m, names) if names and what == "model" else None
+            try:
+                with torch.no_grad(), eval_mode(m), (capture.recording() if capture is not None
+                                                     else contextlib.nullcontext()):
+                    out = m(x)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                raise ConfigError(f"the {what} does not take {where}'s input (of shape "
+                                  f"{list(sample[0].shape)}): {rf.first_line(e)}") from None
+            finally:
+                if capture is not None:
+                    capture.remove()
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or out.shape[1] < 2:
+                got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ConfigError(f"the {what} gives outputs of shape {got} for a batch of 2 inputs, "
+                                  "not [batch, classes]")
+            if classes is not None and out.shape[1] != classes:
+                raise ConfigError(f"the teacher has {out.shape[1]} outputs, the model {classes}")
+            classes = int(out.shape[1])
+        label = sample[1]
+        label = int(label) if isinstance(label, torch.Tensor) and label.numel() == 1 else label
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes:
+            raise ConfigError(f"{where}'s label is {sample[1]!r}: labels must be integers in [0, {classes}) "
+                              f"(the model has {classes} outputs)")
+        return classes, type(g.model).__name__, convnet
+
+    def make_task(self, trainer, teacher, fmt) -> Task:
+        m = trainer.cfg["method"]
+        ls = m["label_smoothing"]
+        if m["name"] in ("clean", "noise"):
+            return ClassificationTask(trainer.model, noisy=m["name"] == "noise", label_smoothing=ls)
+        if m["name"] == "kd":
+            teacher = FrozenTeacher(teacher.to(trainer.dist.device, memory_format=fmt))
+            return DistillationTask(trainer.model, teacher, m["temperature"], m["alpha"], ls)
+        try:
+            return ConsistencyTask(trainer.model, m["layers"], m["lambda"], m["distance"], ls,
+                                   base=trainer.base)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    def inputs(self, batch, dev, channels_last: bool) -> tuple:
+        x, y = batch
+        x = x.to(dev, non_blocking=True)
+        y = y.to(dev, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def sums(self, out: dict, inputs: tuple) -> dict:
+        y = inputs[1]
+        n = torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)
+        s = {"loss": out["loss"].detach() * n, "correct": (out["output"].argmax(-1) == y).sum(), "samples": n}
+        s.update({k: out[k] * n for k in ("ce", "kd", "consistency") if k in out})
+        return s
+
+    def train_row(self, totals: dict, n: float) -> dict:
+        return {"train_top1": 100.0 * totals.get("correct", 0.0) / n}
+
+    def robustness_kwargs(self) -> dict:
+        return {}
+
+    def validate(self, trainer) -> dict:
+        if trainer.val_loader is None:
+            return {}
+        clean = evaluate_robustness(trainer.base, trainer.val_loader, [0.0], 1, **trainer._eval_kwargs())
+        out = {"val_top1": clean.mean[0]}
+        draws, eta = trainer.cfg["eval"]["epoch_draws"], trainer.spec.eta
+        if draws > 0 and eta > 0:
+            r = evaluate_robustness(trainer.base, trainer.val_loader, [eta], draws, **trainer._eval_kwargs())
+            out["val_top1_noisy"] = r.mean[0]
+        return out
+
+    def score(self, row: dict) -> Optional[float]:
+        return row.get("val_top1_noisy", row.get("val_top1"))
+
+    def epoch_message(self, row: dict) -> str:
+        noisy = f", noisy val {row['val_top1_noisy']:.2f}%" if "val_top1_noisy" in row else ""
+        val = f", val {row['val_top1']:.2f}%" if "val_top1" in row else ""
+        return f"loss {row['train_loss']:.4f}{val}{noisy}"
+
+
+def kind_for(task: str):
+    """The kind of the ``task`` setting."""
+    if task == "causal_lm":
+        from .lm import CausalLMKind
+
+        return CausalLMKind()
+    return ClassifierKind()
