@@ -1,10 +1,12 @@
 """fastnoise: fast Gaussian weight-noise training for analog in-memory-compute hardware."""
 
 from . import functional
+from .aihwkit import from_aihwkit_lightning
 from .context import noise
 from .convert import (
                       CoverageReport,
                       CoverageWarning,
+                      clip_weights,
                       convert,
                       coverage,
                       load_noise_state_dict,
@@ -17,11 +19,15 @@ from .pregenerate import pregenerated
 from .rng import initial_seed, manual_seed
 from .robustness import RobustnessResult, evaluate_robustness
 from .spec import NoiseSpec
+from .tile import TileSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NoiseSpec",
+    "TileSpec",
+    "clip_weights",
+    "from_aihwkit_lightning",
     "Linear",
     "Conv2d",
     "convert",

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from .. import rng
-from ..convert import convert, load_noise_state_dict, noise_state_dict, noisy_layers
+from ..convert import clip_weights, convert, load_noise_state_dict, noise_state_dict, noisy_layers
 from ..robustness import RobustnessResult, evaluate_robustness
 from ..spec import NoiseSpec
 from . import checkpoint as ckpt
@@ -903,6 +903,7 @@ class Trainer:
         else:
             loss.backward()
             self.optimizer.step()
+        clip_weights(self.base)  # the crossbar tile's weight clipping (TileSpec.clip), if any
         self.scheduler.step()
         n = torch.tensor(float(y.numel()), dtype=torch.float64, device=dev)
         self._add("loss", loss * n)
