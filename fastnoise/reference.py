@@ -164,7 +164,9 @@ def _tile_forward(x2, w2, wn2, input_range, tile, z):
             if tile.out_res is not None:
                 s = (2 * bound) / tile.out_res
                 p = torch.round(p / s.clamp_min(torch.finfo(dtype).tiny)) * s
-            mask = (p >= -bound) & (p <= bound)
+            # the gradient that passes the ADC clip: 1 inside, 1/2 exactly at the bound (where the
+            # top level often lands; torch's clamp with tensor bounds splits a tie), 0 beyond
+            mask = ((p > -bound) & (p < bound)).to(dtype) + 0.5 * (p.abs() == bound).to(dtype)
             p = torch.minimum(torch.maximum(p, -bound), bound)
         y = y + p
         per.append((upper, lower, xs, mask))

@@ -20,7 +20,9 @@ A :class:`TileSpec` describes it, with the meanings of aihwkit-lightning's
 6. ``y = sum_t p_t + bias`` (digital).
 
 Gradients (aihwkit-lightning's straight-through definitions): quantization passes the
-gradient; the ADC clip passes it where ``|q| <= b``; the input clip passes it to ``x`` where
+gradient; the ADC clip passes it where ``|q| < b`` and half of it where ``|q| == b`` (the top
+level often lands exactly there; torch's clamp with tensor bounds, which aihwkit-lightning uses,
+splits such a tie between the value and the bound); the input clip passes it to ``x`` where
 ``|x| <= r``, and gives ``r_t`` the gradient
 ``r_t * (sum_{x >= r} min(g, 0) - sum_{x <= -r} max(g, 0)) + decay * r_t * [share of unclipped
 inputs > input_min_percentage]`` (``g`` the gradient at the clipped input). Weight clipping

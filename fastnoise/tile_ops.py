@@ -5,9 +5,9 @@ The arithmetic and the gradients are :mod:`fastnoise.tile`'s; the pure-PyTorch r
 stage of the generate path: ``W + sigma z`` is written once in the compute dtype by the device's
 generator (the C++ kernels on the CPU, Triton on CUDA), then each tile's matmul runs on its
 columns; the backward regenerates it. Saved for backward: the input, the weight parameter itself,
-the input ranges and, where the ADC clips, one bool per tile and output (where it passed); never a
-copy of the weight. The output noise is drawn from the contract (stream 5), so nothing of it is
-kept either.
+the input ranges and, where the ADC clips, one byte per tile and output (how much gradient
+passes there); never a copy of the weight. The output noise is drawn from the contract
+(stream 5), so nothing of it is kept either.
 
 Without an ADC bound the tiles' partial outputs need no per-tile step, so the forward is one
 matmul of the DAC's output (tile by tile) with the noisy weight, plus the per-tile noise.
@@ -32,9 +32,10 @@ from .tile import STREAM_TILE_OUT, TileSpec
 __all__ = ["tile_linear", "tile_conv2d", "update_input_range_"]
 
 
-def _normals(seed: int, offset: int, rows: int, cols: int, device) -> Tensor:
-    """The contract's z of stream 5, ``[rows, cols]`` float32, on the fastest generator."""
-    if device.type == "cpu":
+def _normals(seed: int, offset: int, rows: int, cols: int, device, dtype) -> Tensor:
+    """The contract's z of stream 5, ``[rows, cols]`` float32, on the fastest generator (the C++
+    kernels on the CPU; for float64 the reference, as the weight noise)."""
+    if device.type == "cpu" and dtype != torch.float64:
         from . import _cpu
 
         if _cpu.available():
@@ -96,7 +97,7 @@ class _TileLinearFn(torch.autograd.Function):
         m, n, t = x.shape[0], weight.shape[0], len(plan.sizes)
         z = None
         if out_noise and tile.out_noise > 0:
-            z = _normals(seed, int(offset), t * m, n, x.device).reshape(t, m, n)
+            z = _normals(seed, int(offset), t * m, n, x.device, dtype).reshape(t, m, n)
         masks = None
         if tile.out_bound is None:  # no per-tile ADC: one matmul of the DAC's output
             if t == 1:
@@ -112,7 +113,9 @@ class _TileLinearFn(torch.autograd.Function):
                 for i in range(t):
                     y.add_(z[i].to(dtype) * plan.noise[i])
         else:
-            masks = torch.empty((t, m, n), dtype=torch.bool, device=x.device)
+            # 2 inside the bound, 1 exactly at it (half the gradient passes there, as torch's clamp
+            # with tensor bounds gives it), 0 beyond: one byte per tile and output
+            masks = torch.empty((t, m, n), dtype=torch.uint8, device=x.device)
             y = None
             for i in range(t):
                 c = plan.cols(i)
@@ -123,7 +126,7 @@ class _TileLinearFn(torch.autograd.Function):
                 if tile.out_res is not None:
                     s = (2 * b) / tile.out_res
                     p.div_(s.clamp_min(torch.finfo(dtype).tiny)).round_().mul_(s)
-                torch.logical_and(p >= -b, p <= b, out=masks[i])
+                masks[i].copy_(torch.logical_and(p > -b, p < b)).add_(torch.logical_and(p >= -b, p <= b))
                 p = torch.clamp(p, -b, b)
                 y = p if y is None else y.add_(p)
         del wn
@@ -165,7 +168,7 @@ class _TileLinearFn(torch.autograd.Function):
             dw = torch.empty((weight.shape[0], x.shape[1]), dtype=dtype, device=x.device) if need_w else None
             for i in range(t):
                 c = plan.cols(i)
-                gt = g * masks[i]
+                gt = g * masks[i].to(dtype).mul_(0.5)
                 if gx is not None:
                     gx[:, c] = gt @ wn[:, c]
                 if dw is not None:
