@@ -113,8 +113,8 @@ def tile_wmax(w2d: torch.Tensor, sizes) -> torch.Tensor:
     """``max_j |W[i, j]|`` over each tile's columns: ``[T, out]`` in float32 (float64 for float64)."""
     out, k0 = [], 0
     for n in sizes:
-        lo, hi = torch.aminmax(w2d[:, k0:k0 + n].detach(), dim=1)
-        out.append(torch.maximum(hi, -lo).to(_math_dtype(w2d)))
+        w = w2d[:, k0:k0 + n].detach()
+        out.append(torch.maximum(w.amax(1), -w.amin(1)).to(_math_dtype(w2d)))  # no |W| temporary
         k0 += n
     return torch.stack(out)
 

@@ -140,6 +140,8 @@ class TileSpec:
                 if res < 2:
                     raise ValueError(f"TileSpec.{kind}_res must be >= 2 steps (2 bits), got {res!r}")
                 s(self, f"{kind}_res", res)
+                b = math.log2(res + 2)  # bits and steps name one converter: equal specs compare equal
+                s(self, f"{kind}_bits", int(b) if b == int(b) else None)
         if self.out_bound is not None:
             s(self, "out_bound", _real("out_bound", self.out_bound, positive=True))
         s(self, "out_noise", _real("out_noise", self.out_noise, at_least=0.0))

@@ -56,7 +56,8 @@ def _clip_quant(xs: Tensor, r: Optional[Tensor], step: Optional[Tensor]) -> Tens
 class _Plan:
     """What one call computes per tile: sizes, ranges, DAC steps, bounds and noise scales."""
 
-    def __init__(self, tile: TileSpec, weight2d: Tensor, input_range: Optional[Tensor], dtype):
+    def __init__(self, tile: TileSpec, weight2d: Tensor, input_range: Optional[Tensor], dtype,
+                 outputs: bool = True):
         self.sizes = tile.sizes(weight2d.shape[1])
         self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         t = len(self.sizes)
@@ -64,17 +65,17 @@ class _Plan:
         if tile.input_range:
             ir = input_range.detach().to(dtype)
             self.r = [ir[i] for i in range(t)]
-        need_w = tile.out_bound is not None or tile.out_noise > 0
+        need_w = outputs and (tile.out_bound is not None or tile.out_noise > 0)
         wmax = tile_wmax(weight2d, self.sizes) if need_w else None
         self.step, self.bound, self.noise = [None] * t, [None] * t, [None] * t
         for i in range(t):
             r = self.r[i]
             if tile.inp_res is not None:
                 self.step[i] = (2 * r) / tile.inp_res
-            if tile.out_bound is not None:
+            if wmax is not None and tile.out_bound is not None:
                 w = wmax[i] if tile.bound_per_channel else wmax[i].max()
                 self.bound[i] = ((r * tile.out_bound) * w.to(dtype)).reshape(1, -1)
-            if tile.out_noise > 0:
+            if wmax is not None and tile.out_noise > 0:
                 w = wmax[i] if tile.out_noise_per_channel else wmax[i].max()
                 self.noise[i] = (w.to(dtype) * (tile.out_noise / math.sqrt(t) * r)).reshape(1, -1)
 
@@ -111,7 +112,7 @@ class _TileLinearFn(torch.autograd.Function):
             del xq
             if z is not None:
                 for i in range(t):
-                    y.add_(z[i].to(dtype) * plan.noise[i])
+                    y.addcmul_(z[i].to(dtype), plan.noise[i])
         else:
             # 2 inside the bound, 1 exactly at it (half the gradient passes there, as torch's clamp
             # with tensor bounds gives it), 0 beyond: one byte per tile and output
@@ -121,13 +122,16 @@ class _TileLinearFn(torch.autograd.Function):
                 c = plan.cols(i)
                 p = _clip_quant(x[:, c], plan.r[i], plan.step[i]) @ wn[:, c].t()
                 if z is not None:
-                    p.add_(z[i].to(dtype) * plan.noise[i])
+                    p.addcmul_(z[i].to(dtype), plan.noise[i])
                 b = plan.bound[i]
                 if tile.out_res is not None:
                     s = (2 * b) / tile.out_res
                     p.div_(s.clamp_min(torch.finfo(dtype).tiny)).round_().mul_(s)
-                masks[i].copy_(torch.logical_and(p > -b, p < b)).add_(torch.logical_and(p >= -b, p <= b))
-                p = torch.clamp(p, -b, b)
+                a = p.abs()
+                torch.le(a, b, out=masks[i].view(torch.bool))  # 1 where |q| <= b
+                masks[i].add_(torch.lt(a, b))  # 2 where |q| < b
+                del a
+                p.clamp_(-b, b)
                 y = p if y is None else y.add_(p)
         del wn
         if bias is not None:
@@ -147,7 +151,7 @@ class _TileLinearFn(torch.autograd.Function):
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         dtype = x.dtype
         g = grad.contiguous().to(dtype)
-        plan = _Plan(tile, weight, input_range, dtype)
+        plan = _Plan(tile, weight, input_range, dtype, outputs=False)
         t = len(plan.sizes)
         wn = None
         if need_x or need_r:
@@ -155,8 +159,8 @@ class _TileLinearFn(torch.autograd.Function):
                   else weight.detach().to(dtype))
         xq = None
         if need_w:
-            xq = torch.empty_like(x)
-            for i in range(t):
+            xq = _clip_quant(x, plan.r[0], plan.step[0]) if t == 1 else torch.empty_like(x)
+            for i in range(t if t > 1 else 0):
                 c = plan.cols(i)
                 xq[:, c] = _clip_quant(x[:, c], plan.r[i], plan.step[i])
         gx = dw = None
@@ -164,15 +168,16 @@ class _TileLinearFn(torch.autograd.Function):
             gx = g @ wn if wn is not None else None
             dw = g.t() @ xq if need_w else None
         else:
+            half = g * 0.5  # the masks hold 2 inside the bound, 1 at it
             gx = torch.empty_like(x) if wn is not None else None
             dw = torch.empty((weight.shape[0], x.shape[1]), dtype=dtype, device=x.device) if need_w else None
             for i in range(t):
                 c = plan.cols(i)
-                gt = g * masks[i].to(dtype).mul_(0.5)
-                if gx is not None:
-                    gx[:, c] = gt @ wn[:, c]
+                gt = half * masks[i]
+                if gx is not None:  # written in place: the column block is a BLAS operand as it is
+                    torch.mm(gt, wn[:, c], out=gx[:, c])
                 if dw is not None:
-                    dw[:, c] = gt.t() @ xq[:, c]
+                    torch.mm(gt.t(), xq[:, c], out=dw[:, c])
         del wn, xq
         dr = None
         if gx is not None and tile.input_range:
@@ -180,15 +185,16 @@ class _TileLinearFn(torch.autograd.Function):
             for i in range(t):
                 c = plan.cols(i)
                 xs, r = x[:, c], plan.r[i]
-                upper, lower = xs >= r, xs <= -r
                 gc = gx[:, c]
                 if dr is not None:
-                    v = r * (gc[upper].clamp(max=0).sum() - gc[lower].clamp(min=0).sum())
+                    upper, lower = xs >= r, xs <= -r
+                    v = r * (torch.where(upper, gc, 0).clamp_(max=0).sum()
+                             - torch.where(lower, gc, 0).clamp_(min=0).sum())
                     if tile.decay > 0:
-                        share = 1.0 - (upper | lower).sum() / upper.numel()
+                        share = 1.0 - torch.logical_or(upper, lower).sum() / upper.numel()
                         v = v + tile.decay * r * (share > tile.input_min_percentage)
                     dr[i] = v
-                gc.masked_fill_((upper | lower) & (xs.abs() != r), 0)
+                gc.mul_(xs.abs() <= r)  # the clip passes the gradient where |x| <= r
         db = None
         if need_b:
             db = g.sum(0, dtype=torch.float64 if dtype == torch.float64 else torch.float32).to(ctx.bias_dtype)
