@@ -105,9 +105,11 @@ class NoisyMixin:
         """Put the layer on the crossbar tile ``tile`` (None: off the tile). With input ranges it
         gets the parameter ``input_range`` (one range per tile, ``tile.input_range_init``) and the
         buffer ``input_range_update_idx`` (batches seen by the initialisation from data), both in
-        ``state_dict``: build the optimizer after this call."""
-        self._parameters.pop("input_range", None)
-        self._buffers.pop("input_range_update_idx", None)
+        ``state_dict``: build the optimizer after this call. A layer already on a tile with as many
+        tiles keeps its ranges (and their count of batches seen): another tile spec (say, without
+        output noise) does not forget what was learned."""
+        old_r = self._parameters.pop("input_range", None)
+        old_n = self._buffers.pop("input_range_update_idx", None)
         self.__dict__.pop("tile", None)
         if tile is None:
             return
@@ -121,8 +123,11 @@ class NoisyMixin:
             w = self.weight
             t = len(tile.sizes(w[0].numel()))
             p = torch.full((t,), tile.input_range_init, dtype=w.dtype, device=w.device)
+            n = torch.zeros(t, dtype=torch.int64, device=w.device)
+            if old_r is not None and old_r.shape == (t,):
+                p, n = old_r.detach().clone(), old_n
             self.input_range = nn.Parameter(p, requires_grad=tile.learn_input_range)
-            self.register_buffer("input_range_update_idx", torch.zeros(t, dtype=torch.int64, device=w.device))
+            self.register_buffer("input_range_update_idx", n)
 
     def _drop_noise(self) -> None:
         self.set_tile(None)
