@@ -43,7 +43,7 @@ def _normals(seed: int, offset: int, rows: int, cols: int, device, dtype) -> Ten
     return rng.normal_grid(seed, offset, rows, cols, STREAM_TILE_OUT, device)
 
 
-def _clip_quant(xs: Tensor, r: Optional[Tensor], step: Optional[Tensor]) -> Tensor:
+def _clip_quant(xs: Tensor, r, step) -> Tensor:
     """The tile's DAC input: ``xs`` clipped to ``[-r, r]`` and quantized to ``step`` (a new tensor)."""
     if r is None:
         return xs.clone() if step is None else torch.round(xs / step) * step
@@ -79,6 +79,14 @@ class _Plan:
                 w = wmax[i] if tile.out_noise_per_channel else wmax[i].max()
                 self.noise[i] = (w.to(dtype) * (tile.out_noise / math.sqrt(t) * r)).reshape(1, -1)
 
+        # on the CPU the ranges and DAC steps as Python floats holding the same (dtype-rounded)
+        # values: torch's scalar kernels are several times faster than its 0-dim tensor ones
+        self.rs, self.ss = self.r, self.step
+        if weight2d.device.type == "cpu" and tile.input_range:
+            self.rs = torch.stack(self.r).tolist()
+            if tile.inp_res is not None:
+                self.ss = torch.stack(self.step).tolist()
+
     def cols(self, i: int) -> slice:
         return slice(self.starts[i], self.starts[i] + self.sizes[i])
 
@@ -102,12 +110,12 @@ class _TileLinearFn(torch.autograd.Function):
         masks = None
         if tile.out_bound is None:  # no per-tile ADC: one matmul of the DAC's output
             if t == 1:
-                xq = _clip_quant(x, plan.r[0], plan.step[0])
+                xq = _clip_quant(x, plan.rs[0], plan.ss[0])
             else:
                 xq = torch.empty_like(x)
                 for i in range(t):
                     c = plan.cols(i)
-                    xq[:, c] = _clip_quant(x[:, c], plan.r[i], plan.step[i])
+                    xq[:, c] = _clip_quant(x[:, c], plan.rs[i], plan.ss[i])
             y = xq @ wn.t()
             del xq
             if z is not None:
@@ -120,7 +128,7 @@ class _TileLinearFn(torch.autograd.Function):
             y = None
             for i in range(t):
                 c = plan.cols(i)
-                p = _clip_quant(x[:, c], plan.r[i], plan.step[i]) @ wn[:, c].t()
+                p = _clip_quant(x[:, c], plan.rs[i], plan.ss[i]) @ wn[:, c].t()
                 if z is not None:
                     p.addcmul_(z[i].to(dtype), plan.noise[i])
                 b = plan.bound[i]
@@ -159,10 +167,10 @@ class _TileLinearFn(torch.autograd.Function):
                   else weight.detach().to(dtype))
         xq = None
         if need_w:
-            xq = _clip_quant(x, plan.r[0], plan.step[0]) if t == 1 else torch.empty_like(x)
+            xq = _clip_quant(x, plan.rs[0], plan.ss[0]) if t == 1 else torch.empty_like(x)
             for i in range(t if t > 1 else 0):
                 c = plan.cols(i)
-                xq[:, c] = _clip_quant(x[:, c], plan.r[i], plan.step[i])
+                xq[:, c] = _clip_quant(x[:, c], plan.rs[i], plan.ss[i])
         gx = dw = None
         if masks is None:
             gx = g @ wn if wn is not None else None
@@ -184,7 +192,7 @@ class _TileLinearFn(torch.autograd.Function):
             dr = torch.zeros(t, dtype=input_range.dtype, device=x.device) if need_r else None
             for i in range(t):
                 c = plan.cols(i)
-                xs, r = x[:, c], plan.r[i]
+                xs, r = x[:, c], plan.rs[i]
                 gc = gx[:, c]
                 if dr is not None:
                     upper, lower = xs >= r, xs <= -r

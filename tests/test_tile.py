@@ -218,7 +218,8 @@ def test_input_range_init_from_data_and_static():
     assert "input_range" in layer.state_dict() and "input_range_update_idx" in layer.state_dict()
     kept = layer.input_range.detach().clone()
     layer.set_tile(tile.replace(out_noise=0.1))  # another spec, as many tiles: the ranges stay
-    assert torch.equal(layer.input_range.detach(), kept) and layer.input_range_update_idx.tolist() == [2, 2, 2]
+    assert torch.equal(layer.input_range.detach(), kept)
+    assert layer.input_range_update_idx.tolist() == [2, 2, 2]
     layer.set_tile(tile.replace(max_input_size=30))  # two tiles: fresh ranges
     assert layer.input_range.tolist() == [3.0, 3.0]
 
