@@ -368,6 +368,7 @@ CONFIGS = {
     "dac8-adc8-bound": dict(tiles=-1, inp=254, out=254, bound=3.0),
     "tiles-dac8-adc8-per-channel-bound": dict(tiles=16, inp=254, out=254, bound=3.0, clip="channel"),
     "tiles-bound-only-tensor-clip": dict(tiles=20, inp=254, bound=2.0, clip="tensor"),
+    "wide-ranges-decay": dict(tiles=16, inp=254, out=254, bound=3.0),  # few inputs clip: the decay acts
 }
 
 
@@ -377,7 +378,7 @@ def test_equals_aihwkit_lightning_forward_and_gradients(name):
     cfg = _aihwkit_config(**CONFIGS[name])
     n, k, m = 23, 41, 17
     a = AnalogLinear(k, n, rpu_config=cfg)
-    a.input_range.data = torch.rand_like(a.input_range) + 0.5
+    a.input_range.data = torch.rand_like(a.input_range) + (4.5 if name == "wide-ranges-decay" else 0.5)
     spec, tile = fastnoise.from_aihwkit_lightning(cfg)
     assert spec.eta == 0.0
     ours = fastnoise.convert(nn.Sequential(nn.Linear(k, n)), spec, tile=tile)[0]
@@ -397,6 +398,8 @@ def test_equals_aihwkit_lightning_forward_and_gradients(name):
     for mine, theirs in ((xo.grad, xa.grad), (ours.weight.grad, a.weight.grad), (ours.bias.grad, a.bias.grad),
                          (ours.input_range.grad, a.input_range.grad)):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    if name == "wide-ranges-decay":  # the decay's share of the range gradient is there
+        assert (ours.input_range.grad > 0.5 * tile.decay * ours.input_range.detach()).all()
     # and the eval-mode chip (inside noise(eta=0)) is the same forward
     a.eval()
     ours.eval()
@@ -468,3 +471,27 @@ def test_output_noise_statistics_match_aihwkit_lightning(per_channel):
     assert abs(zs.mean().item()) < 0.02 and abs(zs.std().item() - 1) < 0.02
     if per_channel:  # the channels differ by their max|W|, as aihwkit-lightning's
         assert so[-1] > 3 * so[0] and sa[-1] > 3 * sa[0]
+
+
+def test_a_chip_is_fixed_inside_draw_and_differs_between_draws():
+    layer = fastnoise.Linear(41, 13, spec=fastnoise.NoiseSpec(eta=0.05), tile=FULL).eval()
+    x = torch.randn(5, 41)
+    with torch.no_grad():
+        with fastnoise.noise(draw=3):
+            a, b = layer(x), layer(x)
+        with fastnoise.noise(draw=4):
+            c = layer(x)
+        with fastnoise.noise(draw=3, eta=0.0):  # the same chip's output noise, no weight noise
+            d = layer(x)
+    assert torch.equal(a, b) and not torch.allclose(a, c) and not torch.allclose(a, d)
+
+
+def test_autocast_bfloat16_runs_with_float32_parameters():
+    layer = fastnoise.Linear(41, 13, tile=FULL).train()
+    x = torch.randn(5, 41, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and layer.input_range.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.float32 and torch.isfinite(layer.input_range.grad).all()
