@@ -1,6 +1,7 @@
 """Fashion-MNIST: does training on the crossbar tile help a model that meets the tile?
 
     python bench/tile_fashion.py [--seeds 3] [--epochs 3] [--train 20000] [--draws 10]
+                                 [--bits 8] [--bound 14] [--out-noise 0.04]
 
 Per seed, one MLP (784-256-10) initialisation, two students trained by ``fastnoise.train.fit``
 (method ``noise``, the same data order): ``gaussian`` (weight noise only: absmax per channel,
@@ -57,7 +58,13 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=20000)
     ap.add_argument("--draws", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bits", type=int, default=8, help="DAC and ADC bits")
+    ap.add_argument("--bound", type=float, default=14.0, help="ADC bound (relative to r max|W|)")
+    ap.add_argument("--out-noise", type=float, default=0.04)
     a = ap.parse_args()
+    global TILE
+    TILE = TILE.replace(inp_bits=a.bits, out_bits=a.bits, out_bound=a.bound, out_noise=a.out_noise)
+    print(f"{SPEC}, {TILE}", flush=True)
     torch.set_num_threads(a.threads)
     t0 = time.time()
     train_all = FashionMNISTDataset(FASHION_DEBIAN_ROOT, train=True)
