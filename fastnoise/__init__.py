@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 # public name -> the submodule that defines it (None: the name is the submodule itself)
 _EXPORTS = {
     "NoiseSpec": "spec",
+    "TileSpec": "tile",
+    "clip_weights": "convert",
+    "from_aihwkit_lightning": "aihwkit",
     "Linear": "modules",
     "Conv2d": "modules",
     "convert": "convert",

@@ -37,9 +37,10 @@ from . import rng
 from .intercept import ScopeMixin, base_class, invalidate, noisy_class
 from .modules import Conv2d, Linear, NoisyMixin, counter_name
 from .spec import NoiseSpec
+from .tile import TileSpec, clip_weight_
 
 __all__ = ["convert", "restore", "coverage", "noisy_layers", "noise_state_dict", "load_noise_state_dict",
-           "CoverageReport", "CoverageWarning"]
+           "CoverageReport", "CoverageWarning", "clip_weights"]
 
 Exclude = Union[None, str, Iterable[str], Callable[[str, object], bool]]
 
@@ -162,7 +163,7 @@ def _qual(prefix: str, name: str) -> str:
 
 # ----------------------------------------------------------------------------- convert
 def convert(model: nn.Module, spec: Optional[NoiseSpec] = None, exclude: Exclude = None, *,
-            strict: bool = False, embeddings: bool = False) -> nn.Module:
+            strict: bool = False, embeddings: bool = False, tile: Optional[TileSpec] = None) -> nn.Module:
     """Make every weight of ``model`` that feeds a matmul or a convolution noisy, in place;
     returns ``model`` (see the module docstring for what happens to each kind of module).
 
@@ -180,6 +181,12 @@ def convert(model: nn.Module, spec: Optional[NoiseSpec] = None, exclude: Exclude
             parametrized weight of an unsupported layer) or a pattern that matched nothing,
             instead of warning.
         embeddings: also noise ``nn.Embedding`` / ``EmbeddingBag`` lookups.
+        tile: put every linear and conv2d (groups 1) weight on this crossbar tile
+            (:class:`fastnoise.TileSpec`, ``docs/tile.md``): the drop-in layers and the
+            ``F.linear`` / ``F.conv2d`` calls a noise scope routes. Each such layer gets an
+            ``input_range`` parameter (build the optimizer after ``convert``). Weights used by
+            other ops (attention's ``in_proj_weight``, RNNs, Conv1d, ...) keep the weight noise
+            without the tile, and one :class:`CoverageWarning` names them.
 
     Weights left clean (excluded, embedding lookups, unreachable) are named, with the reason, in
     one :class:`CoverageWarning`; :func:`coverage` reports on every parameter.
@@ -191,9 +198,12 @@ def convert(model: nn.Module, spec: Optional[NoiseSpec] = None, exclude: Exclude
         raise TypeError(f"spec must be a fastnoise.NoiseSpec, got {type(spec).__name__}")
     if not isinstance(strict, bool) or not isinstance(embeddings, bool):
         raise TypeError(f"strict and embeddings must be bools, got {strict!r} and {embeddings!r}")
+    if tile is not None and not isinstance(tile, TileSpec):
+        raise TypeError(f"tile must be a fastnoise.TileSpec or None, got {type(tile).__name__}")
     invalidate()
     used: set = set()
     clean: dict = {}
+    off_tile: list = []
     for name, module in list(model.named_modules()):
         if _match(exclude, name, module, used):
             if isinstance(module, (NoisyMixin, ScopeMixin)) and module is not model:
@@ -205,6 +215,8 @@ def convert(model: nn.Module, spec: Optional[NoiseSpec] = None, exclude: Exclude
         if isinstance(module, NoisyMixin):  # converted before: the new spec, named by its place now
             module.spec = spec
             module._bind(name)
+            if isinstance(module, (Linear, Conv2d)) and module.tile != tile and _tileable(module, tile):
+                module.set_tile(tile)
             continue
         if isinstance(module, ScopeMixin):
             continue
@@ -220,6 +232,15 @@ def convert(model: nn.Module, spec: Optional[NoiseSpec] = None, exclude: Exclude
         if kind is None or not kept:
             continue
         _make_noisy(module, kind, kept, transposed, known, spec, name, embeddings)
+        if tile is not None:
+            if kind in ("linear", "conv2d") and _tileable(module, tile):
+                module.set_tile(tile)
+            else:
+                why = "groups > 1" if kind == "conv2d" else f"a {type(module).__name__} (not linear / conv2d)"
+                off_tile.extend(f"  {_qual(name, w)}: {why}" for w in kept)
+    if off_tile:
+        warnings.warn("fastnoise.convert: the crossbar tile does not reach these weights (they get the "
+                      "weight noise only):\n" + "\n".join(off_tile), CoverageWarning, stacklevel=2)
     if not isinstance(model, (NoisyMixin, ScopeMixin)):
         model.__class__ = noisy_class("scope", type(model))
     unmatched = [p for p in _patterns(exclude) if p not in used]
@@ -231,6 +252,20 @@ def convert(model: nn.Module, spec: Optional[NoiseSpec] = None, exclude: Exclude
     model.__dict__["_fastnoise_clean"] = dict(clean)
     model.__dict__["_fastnoise_unmatched"] = list(unmatched)
     _report_convert(model, clean, unmatched, strict)
+    return model
+
+
+def _tileable(module, tile) -> bool:
+    return tile is None or getattr(module, "groups", 1) == 1
+
+
+def clip_weights(model: nn.Module) -> nn.Module:
+    """Clip the weight of every layer of ``model`` whose crossbar tile clips (``TileSpec.clip``),
+    in place; call it after every optimizer step of your own loop (``fastnoise.train`` does)."""
+    for _, m in noisy_layers(model):
+        tile = m.tile
+        if tile is not None and tile.clip is not None:
+            clip_weight_(m.weight, tile)
     return model
 
 

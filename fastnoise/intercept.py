@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from . import context, functional
+from . import context, functional, tile_ops
 from .modules import Conv2d, Linear, NoisyMixin
 
 __all__ = ["MATMUL_OPS", "ScopeMixin", "noisy_class", "scoped", "holder_class"]
@@ -247,18 +247,28 @@ class _Scope(TorchFunctionMode):
         holder, wname = hit
         if wname in holder.__dict__.get("noise_transposed", ()):
             return None
-        noise = holder._noise_args(name=wname)
+        tile = holder.tile if wname == "weight" else None
+        noise = holder._noise_args(name=wname, chip=tile is not None)
         if noise is None:
             _record(holder, wname, name, noisy=False, why="noise off")
             return func(*args, **kwargs)
         spec, seed, offset = noise
-        _record(holder, wname, f"fused {name}", noisy=True)
         b = args[2] if len(args) > 2 else kwargs.get("bias")
-        if name == "linear":
-            return functional.noisy_linear(x, w, b, spec, seed, offset)
         names = ("stride", "padding", "dilation", "groups")
         geo = dict(zip(names, args[3:], strict=False))
         geo.update({k: kwargs[k] for k in names if k in kwargs})
+        if tile is not None:  # the layer's crossbar tile, on this use of its weight too
+            _record(holder, wname, f"tile {name}", noisy=True)
+            r = holder._parameters.get("input_range")
+            counts = holder._buffers.get("input_range_update_idx") if holder.training else None
+            if name == "linear":
+                return tile_ops.tile_linear(x, w, b, r, tile, spec, seed, offset, update=counts)
+            return tile_ops.tile_conv2d(x, w, b, geo.get("stride", 1), geo.get("padding", 0),
+                                        geo.get("dilation", 1), geo.get("groups", 1), r, tile, spec, seed,
+                                        offset, update=counts)
+        _record(holder, wname, f"fused {name}", noisy=True)
+        if name == "linear":
+            return functional.noisy_linear(x, w, b, spec, seed, offset)
         return functional.noisy_conv2d(x, w, b, spec=spec, seed=seed, offset=offset, **geo)
 
 

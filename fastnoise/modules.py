@@ -38,6 +38,8 @@ from torch import nn
 from . import context, functional, rng
 from .functional import noisy_conv2d, noisy_linear
 from .spec import NoiseSpec
+from .tile import TileSpec
+from .tile_ops import tile_conv2d, tile_linear
 
 __all__ = ["Linear", "Conv2d", "NoisyMixin", "counter_name", "weight_ids"]
 
@@ -69,6 +71,7 @@ class NoisyMixin:
     docstring). ``noise_weights`` names them (``("weight",)`` for the drop-in layers)."""
 
     spec: NoiseSpec
+    tile: Optional[TileSpec] = None  # the crossbar tile (drop-in layers only), see set_tile
     noise_id: int
     noise_key: Optional[str]
     noise_weights: tuple
@@ -98,7 +101,36 @@ class NoisyMixin:
         self.noise_id = noise_id
         self._noise_wids = weight_ids(noise_id, self.noise_weights)
 
+    def set_tile(self, tile: Optional[TileSpec]) -> None:
+        """Put the layer on the crossbar tile ``tile`` (None: off the tile). With input ranges it
+        gets the parameter ``input_range`` (one range per tile, ``tile.input_range_init``) and the
+        buffer ``input_range_update_idx`` (batches seen by the initialisation from data), both in
+        ``state_dict``: build the optimizer after this call. A layer already on a tile with as many
+        tiles keeps its ranges (and their count of batches seen): another tile spec (say, without
+        output noise) does not forget what was learned."""
+        old_r = self._parameters.pop("input_range", None)
+        old_n = self._buffers.pop("input_range_update_idx", None)
+        self.__dict__.pop("tile", None)
+        if tile is None:
+            return
+        if not isinstance(tile, TileSpec):
+            raise TypeError(f"tile must be a fastnoise.TileSpec or None, got {type(tile).__name__}")
+        if getattr(self, "groups", 1) != 1:
+            raise ValueError(f"the crossbar tile supports conv2d with groups=1 only, "
+                             f"got groups={self.groups}")
+        self.__dict__["tile"] = tile
+        if tile.input_range:
+            w = self.weight
+            t = len(tile.sizes(w[0].numel()))
+            p = torch.full((t,), tile.input_range_init, dtype=w.dtype, device=w.device)
+            n = torch.zeros(t, dtype=torch.int64, device=w.device)
+            if old_r is not None and old_r.shape == (t,):
+                p, n = old_r.detach().clone(), old_n
+            self.input_range = nn.Parameter(p, requires_grad=tile.learn_input_range)
+            self.register_buffer("input_range_update_idx", n)
+
     def _drop_noise(self) -> None:
+        self.set_tile(None)
         for name in self.noise_weights:
             self._buffers.pop(counter_name(name), None)
         for attr in ("spec", "noise_id", "noise_key", "noise_weights", "noise_copies", "_noise_epoch",
@@ -113,9 +145,11 @@ class NoisyMixin:
             old = self._buffers[c]
             self._buffers[c] = torch.zeros((), dtype=torch.int64, device=old.device)
 
-    def _noise_args(self, advance: bool = True, name: str = "weight"):
+    def _noise_args(self, advance: bool = True, name: str = "weight", chip: bool = False):
         """(spec, seed, offset) for this use of weight ``name``, or None for a clean use. Advances
-        its counter; ``advance=False`` only peeks (the offset is then the counter buffer itself)."""
+        its counter; ``advance=False`` only peeks (the offset is then the counter buffer itself).
+        ``chip``: the layer is on a crossbar tile, which stays on when ``eta`` is 0 (the spec
+        returned then has ``eta == 0``: the tile without weight noise)."""
         override = context.current()
         if override is None:
             if not self.training:
@@ -125,7 +159,7 @@ class NoisyMixin:
             if not override.enabled:
                 return None
             spec = override.apply(self.spec)
-        if spec.eta == 0.0:
+        if spec.eta == 0.0 and not chip:
             return None
         compiling = torch.compiler.is_compiling()
         # memoized in eager; dynamo traces mix64 itself (it warns about lru_cache wrappers)
@@ -187,7 +221,8 @@ class NoisyMixin:
         return new
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, spec={self.spec}"
+        tile = f", tile={self.tile}" if self.tile is not None else ""
+        return f"{super().extra_repr()}, spec={self.spec}{tile}"
 
 
 def _outside_scope(forward):
@@ -209,16 +244,23 @@ class Linear(NoisyMixin, nn.Linear):
     """``torch.nn.Linear`` with Gaussian weight noise (see :class:`fastnoise.NoiseSpec`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype=None, spec: Optional[NoiseSpec] = None) -> None:
+                 dtype=None, spec: Optional[NoiseSpec] = None, tile: Optional[TileSpec] = None) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_noise(spec)
+        if tile is not None:
+            self.set_tile(tile)
 
     @_outside_scope
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        args = self._noise_args()
+        tile = self.tile
+        args = self._noise_args(chip=tile is not None)
         if args is None:
             return F.linear(input, self.weight, self.bias)
         spec, seed, offset = args
+        if tile is not None:
+            counts = self._buffers.get("input_range_update_idx") if self.training else None
+            return tile_linear(input, self.weight, self.bias, self._parameters.get("input_range"), tile,
+                               spec, seed, offset, update=counts)
         if _pregenerated_lookup is not None:
             pre = _pregenerated_lookup(self, spec, seed, offset, input)
             if pre is not None:  # inside fastnoise.pregenerated(...)
@@ -231,17 +273,23 @@ class Conv2d(NoisyMixin, nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 device=None, dtype=None, spec: Optional[NoiseSpec] = None) -> None:
+                 device=None, dtype=None, spec: Optional[NoiseSpec] = None,
+                 tile: Optional[TileSpec] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, device, dtype)
         self._init_noise(spec)
+        if tile is not None:
+            self.set_tile(tile)
 
     @_outside_scope
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        args = self._noise_args()
+        tile = self.tile
+        args = self._noise_args(chip=tile is not None)
         if args is None:
             return self._conv_forward(input, self.weight, self.bias)
         spec, seed, offset = args
+        if tile is not None:
+            return self._tile_forward(input, tile, spec, seed, offset)
         if _pregenerated_lookup is not None:
             pre = _pregenerated_lookup(self, spec, seed, offset, input)
             if pre is not None:  # inside fastnoise.pregenerated(...)
@@ -252,3 +300,13 @@ class Conv2d(NoisyMixin, nn.Conv2d):
             padding = 0
         return noisy_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
                             self.groups, spec, seed, offset)
+
+    def _tile_forward(self, input, tile, spec, seed, offset):
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        r = self._parameters.get("input_range")
+        counts = self._buffers.get("input_range_update_idx") if self.training else None
+        return tile_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                           r, tile, spec, seed, offset, update=counts)

@@ -9,6 +9,8 @@ compute dtype, as the kernels do.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -104,3 +106,122 @@ def conv2d_backward(grad, x, weight, sigma, mode, seed, offset, stride, padding,
         False, [0, 0], groups, [need_x, need_w, need_b],
     )
     return dx, (dw.to(weight.dtype) if need_w else None), db
+
+
+# ----------------------------------------------------------------------------- the crossbar tile
+def tile_wmax(w2d: torch.Tensor, sizes) -> torch.Tensor:
+    """``max_j |W[i, j]|`` over each tile's columns: ``[T, out]`` in float32 (float64 for float64)."""
+    out, k0 = [], 0
+    for n in sizes:
+        w = w2d[:, k0:k0 + n].detach()
+        out.append(torch.maximum(w.amax(1), -w.amin(1)).to(_math_dtype(w2d)))  # no |W| temporary
+        k0 += n
+    return torch.stack(out)
+
+
+def tile_out_normals(seed, offset, tiles: int, m: int, n: int, device=None) -> torch.Tensor:
+    """The output noise's z: ``[T, M, N]``, row ``t * M + m`` of stream 5 (the contract's)."""
+    from .tile import STREAM_TILE_OUT
+
+    return normal_grid(seed, offset, tiles * m, n, STREAM_TILE_OUT, device).reshape(tiles, m, n)
+
+
+def _tile_steps(tile, r, wmax_t, tiles: int, dtype):
+    """(DAC step, ADC bound [1, N] or None, output-noise scale [1, N] or None) of one tile."""
+    step = (2 * r) / tile.inp_res if tile.inp_res is not None else None
+    bound = noise = None
+    if tile.out_bound is not None:
+        w = wmax_t if tile.bound_per_channel else wmax_t.max()
+        bound = ((r * tile.out_bound) * w.to(dtype)).reshape(1, -1)
+    if tile.out_noise > 0:
+        w = wmax_t if tile.out_noise_per_channel else wmax_t.max()
+        noise = (w.to(dtype) * (tile.out_noise / math.sqrt(tiles) * r)).reshape(1, -1)
+    return step, bound, noise
+
+
+def _tile_forward(x2, w2, wn2, input_range, tile, z):
+    """(y without bias, [(x clip masks, DAC input, ADC mask)] per tile) of the tile in x2's dtype."""
+    dtype = x2.dtype
+    sizes = tile.sizes(w2.shape[1])
+    wmax = tile_wmax(w2, sizes)
+    y = x2.new_zeros(x2.shape[0], w2.shape[0])
+    per, k0 = [], 0
+    for t, n in enumerate(sizes):
+        xs = x2[:, k0:k0 + n]
+        r = input_range[t].detach().to(dtype) if tile.input_range else None
+        upper = lower = None
+        if r is not None:
+            upper, lower = xs >= r, xs <= -r
+            xs = torch.minimum(torch.maximum(xs, -r), r)
+        step, bound, noise = _tile_steps(tile, r, wmax[t], len(sizes), dtype)
+        if step is not None:
+            xs = torch.round(xs / step) * step
+        p = xs @ wn2[:, k0:k0 + n].t()
+        if noise is not None and z is not None:
+            p = p + noise * z[t].to(dtype)
+        mask = None
+        if bound is not None:
+            if tile.out_res is not None:
+                s = (2 * bound) / tile.out_res
+                p = torch.round(p / s.clamp_min(torch.finfo(dtype).tiny)) * s
+            # the gradient that passes the ADC clip: 1 inside, 1/2 exactly at the bound (where the
+            # top level often lands; torch's clamp with tensor bounds splits a tie), 0 beyond
+            mask = ((p > -bound) & (p < bound)).to(dtype) + 0.5 * (p.abs() == bound).to(dtype)
+            p = torch.minimum(torch.maximum(p, -bound), bound)
+        y = y + p
+        per.append((upper, lower, xs, mask))
+        k0 += n
+    return y, per
+
+
+def tile_linear_forward(x, weight, bias, input_range, tile, sigma, mode, noise_bias, seed, offset,
+                        weight_noise: bool = True, out_noise: bool = True) -> torch.Tensor:
+    """The crossbar tile's ``y`` (:mod:`fastnoise.tile`) in ``x.dtype``: weight ``[N, K]``,
+    ``x [..., K]``; ``weight_noise`` adds ``sigma z`` (stream 0), ``out_noise`` the tile's output
+    noise (stream 5) when ``tile.out_noise > 0``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    w2 = weight.detach().to(x.dtype)
+    wn2 = noisy_weight(weight, sigma, mode, seed, offset, x.dtype) if weight_noise else w2
+    sizes = tile.sizes(w2.shape[1])
+    z = None
+    if out_noise and tile.out_noise > 0:
+        z = tile_out_normals(seed, offset, len(sizes), x2.shape[0], w2.shape[0], x.device)
+    y, _ = _tile_forward(x2, w2, wn2, input_range, tile, z)
+    if bias is not None:
+        b = (noisy_bias(bias, sigma, mode, seed, offset, x.dtype) if weight_noise and noise_bias
+             else bias.detach().to(x.dtype))
+        y = y + b
+    return y.reshape(*x.shape[:-1], w2.shape[0])
+
+
+def tile_linear_backward(grad, x, weight, input_range, tile, sigma, mode, seed, offset,
+                         weight_noise: bool = True, out_noise: bool = True):
+    """Gradients ``(dx, dW, db, d input_range)`` of :func:`tile_linear_forward` by the
+    straight-through definitions of :mod:`fastnoise.tile` (aihwkit-lightning's)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = grad.reshape(-1, weight.shape[0]).to(x.dtype)
+    w2 = weight.detach().to(x.dtype)
+    wn2 = noisy_weight(weight, sigma, mode, seed, offset, x.dtype) if weight_noise else w2
+    sizes = tile.sizes(w2.shape[1])
+    z = None
+    if out_noise and tile.out_noise > 0:
+        z = tile_out_normals(seed, offset, len(sizes), x2.shape[0], w2.shape[0], x.device)
+    _, per = _tile_forward(x2, w2, wn2, input_range, tile, z)
+    dx, dw = torch.zeros_like(x2), torch.zeros_like(w2)
+    dr = torch.zeros(len(sizes), dtype=x.dtype, device=x.device) if tile.input_range else None
+    k0 = 0
+    for t, n in enumerate(sizes):
+        upper, lower, xq, mask = per[t]
+        gt = g2 if mask is None else g2 * mask
+        gx = gt @ wn2[:, k0:k0 + n]
+        dw[:, k0:k0 + n] = gt.t() @ xq
+        if upper is not None:
+            r = input_range[t].detach().to(x.dtype)
+            dr[t] = r * (gx[upper].clamp(max=0).sum() - gx[lower].clamp(min=0).sum())
+            if tile.decay > 0:
+                share = 1.0 - (upper | lower).sum() / upper.numel()
+                dr[t] += tile.decay * r * (share > tile.input_min_percentage)
+            gx = gx * ~((upper | lower) & (x2[:, k0:k0 + n].abs() != r))
+        dx[:, k0:k0 + n] = gx
+        k0 += n
+    return dx.reshape(x.shape), dw.to(weight.dtype), g2.sum(0), dr

@@ -17,13 +17,13 @@ KERNELS = os.path.join(os.path.dirname(ROOT), "kernels")
 
 # the layers, top (imported by everything) to bottom; a new module must be given its place here
 LAYERS = [
-    ("base", {"spec", "rng", "context", "dispatch", "progress"}),
+    ("base", {"spec", "rng", "context", "dispatch", "progress", "tile"}),
     ("reference and backends", {"reference", "kernels", "_backends", "_backends_base", "_backends_linear",
                                 "_backends_conv", "_backends_cpu", "_cpu"}),
-    ("ops", {"functional"}),
+    ("ops", {"functional", "tile_ops"}),
     ("layers", {"modules", "intercept", "convert"}),
     ("users of layers", {"pregenerate", "robustness", "testing", "cli", "train", "lm", "integrations",
-                         "__init__", "__main__"}),
+                         "aihwkit", "__init__", "__main__"}),
 ]
 
 

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from .. import rng
-from ..convert import convert, load_noise_state_dict, noise_state_dict, noisy_layers
+from ..convert import clip_weights, convert, load_noise_state_dict, noise_state_dict, noisy_layers
 from ..progress import progress_bar
 from ..robustness import RobustnessResult, evaluate_robustness
 from ..spec import NoiseSpec
@@ -844,6 +844,7 @@ class Trainer:
         else:
             loss.backward()
             self.optimizer.step()
+        clip_weights(self.base)  # the crossbar tile's weight clipping (TileSpec.clip), if any
         self.scheduler.step()
         for k, v in self.kind.sums(out, inputs).items():
             self._add(k, v)
