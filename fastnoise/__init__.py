@@ -8,6 +8,29 @@ import importlib
 import importlib.util
 import sys
 import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what static tools (type checkers, the docs' griffe) see; nothing runs here
+    from . import functional
+    from .aihwkit import from_aihwkit_lightning
+    from .context import noise
+    from .convert import (
+        CoverageReport,
+        CoverageWarning,
+        clip_weights,
+        convert,
+        coverage,
+        load_noise_state_dict,
+        noise_state_dict,
+        noisy_layers,
+        restore,
+    )
+    from .modules import Conv2d, Linear
+    from .pregenerate import pregenerated
+    from .rng import initial_seed, manual_seed
+    from .robustness import RobustnessResult, evaluate_robustness
+    from .spec import NoiseSpec
+    from .tile import TileSpec
 
 __version__ = "0.1.0"
 
