@@ -12,6 +12,7 @@ from .convert import (
                       noisy_layers,
                       restore,
 )
+from .hardware import PCM, HardwareModel
 from .modules import Conv2d, Linear
 from .pregenerate import pregenerated
 from .rng import initial_seed, manual_seed
@@ -39,4 +40,6 @@ __all__ = [
     "evaluate_robustness",
     "RobustnessResult",
     "pregenerated",
+    "PCM",
+    "HardwareModel",
 ]
