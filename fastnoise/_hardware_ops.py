@@ -30,7 +30,6 @@ def _cpu_normal(key, offset, rows, cols, stream, device):
 
 def _triton_normal(key, offset, rows, cols, stream, device):
     from .kernels import noise_gen
-
     from .spec import NoiseSpec
 
     src = torch.zeros(rows, cols, dtype=torch.float32, device=device)

@@ -89,7 +89,8 @@ class RobustnessResult:
     def table(self) -> str:
         """A Markdown table: eta | draws | mean | std | min | max (top-1 %)."""
         scale = f", scale={self.scale}" if self.scale else ""
-        what = f"on {self.extra['hardware']} chips" if "hardware" in self.extra else f"under weight noise{scale}"
+        what = (f"on {self.extra['hardware']} chips" if "hardware" in self.extra
+                else f"under weight noise{scale}")
         head = "t (s)" if self.axis == "t" else "eta"
         lines = [f"{self.name}: top-1 accuracy (%) {what}, {self.samples} samples",
                  f"| {head} | draws | mean | std | min | max |", "|---|---|---|---|---|---|"]

@@ -1,7 +1,14 @@
 """Chips: hardware models whose chips are numbers, not stored copies (see :mod:`.base`)."""
 
-from .base import (STREAM_DRIFT, STREAM_PROG, STREAM_READ, HardwareModel, HardwareRead, read_key,
-                   reference_normal)
+from .base import (
+    STREAM_DRIFT,
+    STREAM_PROG,
+    STREAM_READ,
+    HardwareModel,
+    HardwareRead,
+    read_key,
+    reference_normal,
+)
 from .pcm import PCM
 
 __all__ = ["HardwareModel", "HardwareRead", "PCM", "STREAM_PROG", "STREAM_DRIFT", "STREAM_READ",

@@ -8,13 +8,11 @@ read)`` is chip ``chip``'s weight at ``t`` seconds after programming, seen by re
 ``(key, chip, read, element)`` (the noise of one read), drawn from the one Philox contract
 (:func:`fastnoise.rng.normal_grid`) on streams of their own:
 
-=========================  ======  ========================  ==========================  ========
-what                       stream  Philox key                counter (c // 8, row, s, o)  normals
-=========================  ======  ========================  ==========================  ========
-programming error          2       ``key``                   row ``d * out + r``, o = chip  2 (device d = 0: g+, 1: g-)
-drift exponent nu          3       ``key``                   row ``r``, o = chip           1
-read noise                 4       ``mix64(key, tag, chip)`` row ``r``, o = read           1
-=========================  ======  ========================  ==========================  ========
+- programming error: stream 2, key ``key``, counter ``(c // 8, d * out + r, 2, chip)``, two
+  normals per element (device ``d`` = 0 holds ``g+``, 1 holds ``g-``);
+- drift exponent nu: stream 3, key ``key``, counter ``(c // 8, r, 3, chip)``, one normal;
+- read noise: stream 4, key ``read_key(key, chip) = mix64(key, 0x7EAD, chip)``, counter
+  ``(c // 8, r, 4, read)``, one normal.
 
 ``key`` is the weight's chip key, the one ``fastnoise.noise(draw=k)`` uses for Gaussian noise
 (``mix64(seed, weight id, draw tag)``, see :mod:`fastnoise.modules`); the chip number ``k`` is the
@@ -29,8 +27,9 @@ the same normals (the C++ one on the CPU, the Triton one on a GPU), see
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 

@@ -46,8 +46,17 @@ from typing import Optional
 
 import torch
 
-from .base import (STREAM_DRIFT, STREAM_PROG, STREAM_READ, HardwareModel, NormalFn, check_chip,
-                   check_time, read_key, reference_normal)
+from .base import (
+    STREAM_DRIFT,
+    STREAM_PROG,
+    STREAM_READ,
+    HardwareModel,
+    NormalFn,
+    check_chip,
+    check_time,
+    read_key,
+    reference_normal,
+)
 
 __all__ = ["PCM", "PROG_COEFF"]
 
