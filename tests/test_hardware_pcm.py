@@ -323,3 +323,38 @@ def test_against_aihwkit_pcm_like_noise_model(t, one_thread):
         assert float(b.std()) == pytest.approx(float(a.std()), rel=5 / math.sqrt(n) + 0.03), (lo, hi)
         se = math.sqrt((float(a.var()) + float(b.var())) / n)
         assert abs(float(a.mean()) - float(b.mean())) < 5 * se + 2e-3, (lo, hi)
+
+
+# ----------------------------------------------------------------------------- the CLI
+_TINY = ["model.arch=digits_mlp", "method.layers=[fc1]", "teacher.epochs=1", "schedule.epochs=1",
+         "data.batch_size=256", "eval.epoch_draws=0"]
+
+
+def test_cli_study_and_eval_on_chips(tmp_path, capsys, one_thread):
+    import csv
+
+    from fastnoise.cli import main
+
+    out = str(tmp_path / "study")
+    argv = ["study", "--recipe", "digits", "--out", out, "--seeds", "0", "1", "--etas", "0", "0.1",
+            "--draws", "2", "--methods", "noise", "kd", "--no-progress", "--device", "cpu", *_TINY]
+    assert main([*argv, "--hardware", "pcm", "--times", "1", "86400"]) == 0
+    text = capsys.readouterr().out
+    assert "pcm chips over time" in text and "| t (s) | teacher | noise | kd |" in text
+    assert "| t (s) | kd - noise |" in text and "| 86400 |" in text
+    with open(os.path.join(out, "chip_accuracies.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 2 * 2 * 2  # models x seeds x times x chips
+    assert os.path.getsize(os.path.join(out, "chip.png")) > 0
+    # the teacher met the same chips as evaluate_robustness gives it (chips = the seed)
+    assert main(["eval", "--run", os.path.join(out, "seed0", "noise"), "--hardware", "pcm", "--times", "1",
+                 "--draws", "2", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
+    assert "| t (s) | draws |" in capsys.readouterr().out
+    assert main([*argv, "--resume", "--hardware", "pcm", "--times", "1"]) == 2
+    assert "hardware differ" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "s2"), "--hardware", "rram"]) == 2
+    assert "unknown hardware model 'rram'" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "s3"), "--times", "5"]) == 2
+    assert "give --hardware too" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "s4"), "--hardware", "pcm", "--times", "-1"]) == 2
+    assert "got -1.0" in capsys.readouterr().err
