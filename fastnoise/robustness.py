@@ -135,7 +135,8 @@ def results_table(results, digits: int = 1) -> str:
     for name, r in named.items():
         if list(r.etas) != list(etas):
             raise ValueError(f"result {name!r} has etas {r.etas}, the first has {etas}")
-    header = "| eta | " + " | ".join(named) + " |"
+    axis = "t (s)" if next(iter(named.values())).axis == "t" else "eta"
+    header = f"| {axis} | " + " | ".join(named) + " |"
     lines = [header, "|---|" + "---|" * len(named)]
     for i, e in enumerate(etas):
         cells = [f"{r.mean[i]:.{digits}f} ± {r.std[i]:.{digits}f}" for r in named.values()]
@@ -144,11 +145,13 @@ def results_table(results, digits: int = 1) -> str:
 
 
 def results_to_csv(results, path: str) -> None:
-    """Long format: ``name, eta, draws, mean, std, min, max``."""
+    """Long format: ``name, eta, draws, mean, std, min, max`` (``t`` for chip results)."""
+    named = _as_named(results)
+    axis = next(iter(named.values())).axis if named else "eta"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["name", "eta", "draws", "mean", "std", "min", "max"])
-        for name, r in _as_named(results).items():
+        w.writerow(["name", axis, "draws", "mean", "std", "min", "max"])
+        for name, r in named.items():
             for row in r.rows():
                 w.writerow([name, row[r.axis], row["draws"], row["mean"], row["std"], row["min"], row["max"]])
 

@@ -252,6 +252,9 @@ def test_evaluate_robustness_over_time(tmp_path, one_thread):
     assert "| t (s) |" in ra.table() and "pcm chips" in ra.table()
     ra.to_csv(tmp_path / "r.csv")
     assert (tmp_path / "r.csv").read_text().startswith("t,draws,mean")
+    from fastnoise.robustness import results_table
+
+    assert results_table({"a": ra, "b": rb}).startswith("| t (s) | a | b |")
     ra.plot(str(tmp_path / "r.png"))
     assert (tmp_path / "r.png").stat().st_size > 0
     # the chips differ from each other and from the clean model at a year
