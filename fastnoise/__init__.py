@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, the docs' griffe) see; no
         noisy_layers,
         restore,
     )
+    from .hardware import PCM, HardwareModel
     from .modules import Conv2d, Linear
     from .pregenerate import pregenerated
     from .rng import initial_seed, manual_seed
@@ -38,6 +39,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "NoiseSpec": "spec",
     "TileSpec": "tile",
+    "PCM": "hardware",
+    "HardwareModel": "hardware",
     "clip_weights": "convert",
     "from_aihwkit_lightning": "aihwkit",
     "Linear": "modules",

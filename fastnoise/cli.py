@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="dataset folder (sets data.root)")
     e.add_argument("--etas", type=float, nargs="+", default=None, help="noise levels (default: eval.etas)")
     e.add_argument("--draws", type=int, default=None, help="draws per eta (default: eval.draws)")
+    e.add_argument("--hardware", default=None,
+                   help="evaluate on chips of this hardware model (pcm) instead of Gaussian noise")
+    e.add_argument("--times", type=float, nargs="+", default=None,
+                   help="with --hardware: seconds after programming (default 1 3600 86400 3.15e7)")
     e.add_argument("--out", default=None, help="folder for robustness.csv/png (default: RUN/eval)")
     e.add_argument("--overwrite", action="store_true")
     _add_common(e)
@@ -104,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="noise levels (default: 0, 0.5, 1, 1.5 times noise.eta)")
     st.add_argument("--draws", type=int, default=None, help="simulated chips per seed and eta (default 8)")
     st.add_argument("--methods", nargs="+", default=None, help="subset of: clean noise kd consistency")
+    st.add_argument("--hardware", default=None,
+                    help="also evaluate every model on chips of this hardware model (pcm)")
+    st.add_argument("--times", type=float, nargs="+", default=None,
+                    help="with --hardware: seconds after programming (default 1 86400 3.15e7)")
     st.add_argument("--data", default=None, help="dataset folder (sets data.root)")
     st.add_argument("--out", default=None, help="study folder (default: runs/study-NAME)")
     st.add_argument("--resume", action="store_true", help="continue the study in --out")
@@ -204,13 +212,20 @@ def _cmd_eval(args) -> int:
         raise ConfigError(f"output folder {out!r} already exists; pass --overwrite or another --out")
     etas = args.etas if args.etas is not None else cfg["eval"]["etas"]
     draws = args.draws if args.draws is not None else cfg["eval"]["draws"]
-    if not etas:
+    if not etas and args.hardware is None:
         raise ConfigError("no etas to evaluate (give --etas)")
-    for e in etas:
+    for e in etas or ():
         if not math.isfinite(e) or e < 0:
             raise ConfigError(f"--etas must be finite numbers >= 0, got {e!r}")
     if draws < 1:
         raise ConfigError(f"--draws must be >= 1, got {draws}")
+    chip = {}
+    if args.hardware is not None or args.times is not None:
+        from .train.study import _check_chip
+
+        hw, times = _check_chip(args.hardware, args.times or [1.0, 3600.0, 86400.0, 3.15e7], "--")
+        chip = {"hardware": hw, "times": times}
+        etas = None
 
     info = distributed.setup(args.device)
     data = build_data(cfg)
@@ -242,7 +257,7 @@ def _cmd_eval(args) -> int:
         dtype = torch.bfloat16
     result = evaluate_robustness(model, loader, etas, draws, device=info.device, name=cfg["name"],
                                  progress=not args.no_progress and info.is_main, autocast_dtype=dtype,
-                                 distributed=info.distributed, channels_last=cl, seed=cfg["seed"])
+                                 distributed=info.distributed, channels_last=cl, seed=cfg["seed"], **chip)
     if info.is_main:
         try:
             os.makedirs(out, exist_ok=True)
@@ -274,7 +289,7 @@ def _cmd_study(args) -> int:
                       draws=DEFAULT_DRAWS if args.draws is None else args.draws, out=args.out,
                       methods=tuple(args.methods or STUDY_METHODS), overrides=args.overrides,
                       data_root=args.data, resume=args.resume, progress=not args.no_progress,
-                      device=args.device)
+                      device=args.device, hardware=args.hardware, times=args.times)
     print(f"wrote {os.path.join(study.out, 'tables.md')}, accuracies.csv and robustness.png")
     return 0
 

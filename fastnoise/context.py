@@ -24,6 +24,16 @@ class NoiseOverride:
     # constant of the graph: one recompilation per chip)
     draw_tensor: Optional[torch.Tensor] = None
     has_draw: bool = False  # what compiled code branches on (not on the draw's value)
+    # hardware=: the chip model, the time (s) and the reads so far per weight in this block
+    hardware: Optional[object] = None
+    t: float = 0.0
+    reads: Optional[dict] = None
+
+    def next_read(self, key) -> int:
+        """The read number of this use of weight ``key`` in this block (0, 1, 2, ...)."""
+        n = self.reads.get(key, 0)
+        self.reads[key] = n + 1
+        return n
 
     def apply(self, spec: NoiseSpec) -> NoiseSpec:
         if not self.changes:
@@ -51,7 +61,7 @@ def current() -> Optional[NoiseOverride]:
 @contextlib.contextmanager
 def noise(eta: Optional[float] = None, scale: Optional[str] = None,
           noise_bias: Optional[bool] = None, *, enabled: bool = True, draw: Optional[int] = None,
-          seed: Optional[int] = None):
+          seed: Optional[int] = None, hardware=None, t: Optional[float] = None):
     """Control the noise of every fastnoise layer inside the block, in train and eval mode.
 
     - ``with fastnoise.noise():`` noise on with each layer's own spec, also in eval mode.
@@ -61,6 +71,11 @@ def noise(eta: Optional[float] = None, scale: Optional[str] = None,
       training's, and layer call counters do not advance: one simulated chip, so a whole
       evaluation pass sees one fixed set of noisy weights. Chip ``k`` of a weight is a function of
       (``seed``, the weight's id, ``k``); ``seed`` defaults to :func:`fastnoise.initial_seed`.
+    - ``hardware=fastnoise.PCM(), t=seconds, draw=k``: instead of Gaussian noise, every noisy
+      weight is chip ``k`` of that hardware model at ``t`` seconds after programming (its
+      programming error and drift fixed by the chip, the read noise fresh for each use: reads are
+      counted per weight from 0 in each block), in train and eval mode (see ``docs/chip.md``).
+      ``draw`` defaults to 0; ``t`` is required.
     """
     changes = tuple((k, v) for k, v in (("eta", eta), ("scale", scale), ("noise_bias", noise_bias))
                     if v is not None)
@@ -74,11 +89,33 @@ def noise(eta: Optional[float] = None, scale: Optional[str] = None,
         from .rng import check_seed
 
         check_seed(seed)
+    if hardware is not None:
+        from .hardware.base import HardwareModel, check_time
+
+        if isinstance(hardware, str):
+            from .hardware import by_name
+
+            hardware = by_name(hardware)
+        if not isinstance(hardware, HardwareModel):
+            raise TypeError(f"hardware must be a fastnoise hardware model (e.g. fastnoise.PCM()) or "
+                            f"its name, got {type(hardware).__name__}")
+        if t is None:
+            raise ValueError("hardware= needs t=, the seconds since programming (e.g. t=3600)")
+        t = check_time(t)
+        if changes:
+            raise ValueError(f"hardware= replaces the Gaussian noise; do not give {dict(changes)} too")
+        if not enabled:
+            raise ValueError("hardware= with enabled=False: give one or the other")
+        if draw is None:
+            draw = 0
+    elif t is not None:
+        raise ValueError(f"t={t!r} is the time on a chip: give hardware= too (e.g. fastnoise.PCM())")
     draw_tensor = None
     if draw is not None:
         with torch.inference_mode(False):
             draw_tensor = torch.tensor(draw & 0xFFFFFFFF, dtype=torch.int64)
-    _stack.append(NoiseOverride(bool(enabled), changes, draw, seed, draw_tensor, draw is not None))
+    _stack.append(NoiseOverride(bool(enabled), changes, draw, seed, draw_tensor, draw is not None,
+                                hardware, 0.0 if t is None else t, {} if hardware is not None else None))
     try:
         yield
     finally:

@@ -56,6 +56,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from . import context, functional, tile_ops
+from ._hardware_ops import hardware_weight
+from .hardware.base import HardwareRead
 from .modules import Conv2d, Linear, NoisyMixin
 
 __all__ = ["MATMUL_OPS", "ScopeMixin", "noisy_class", "scoped", "holder_class"]
@@ -253,6 +255,12 @@ class _Scope(TorchFunctionMode):
             _record(holder, wname, name, noisy=False, why="noise off")
             return func(*args, **kwargs)
         spec, seed, offset = noise
+        if isinstance(spec, HardwareRead):  # a chip: its weight, then the clean op
+            _record(holder, wname, f"fused {name}", noisy=True)
+            we = hardware_weight(w, spec, seed)
+            if len(args) > 1:
+                return func(args[0], we, *args[2:], **kwargs)
+            return func(*args, **{**kwargs, "weight": we})
         b = args[2] if len(args) > 2 else kwargs.get("bias")
         names = ("stride", "padding", "dilation", "groups")
         geo = dict(zip(names, args[3:], strict=False))
@@ -299,10 +307,15 @@ def _draw(holder, wname, base, draws, args, kwargs, op):
         _record(holder, wname, op, noisy=False, why="noise off")
     else:
         spec, seed, offset = noise
-        with_bias = bias is not None and spec.noise_bias and _contains(args, kwargs, bias)
+        hardware = isinstance(spec, HardwareRead)
+        with_bias = (not hardware and bias is not None and spec.noise_bias
+                     and _contains(args, kwargs, bias))
         transposed = wname in holder.__dict__.get("noise_transposed", ())
         t = base.transpose(0, 1) if transposed else base
-        wn, bn = functional.noisy_weight(t, bias if with_bias else None, spec, seed, offset)
+        if hardware:  # a chip: the bias stays digital
+            wn, bn = hardware_weight(t, spec, seed), None
+        else:
+            wn, bn = functional.noisy_weight(t, bias if with_bias else None, spec, seed, offset)
         entry = (wn.transpose(0, 1) if transposed else wn, bn if with_bias else None, bias)
         _record(holder, wname, op, noisy=True)
     draws[key] = entry

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import context, functional, rng
+from ._hardware_ops import hardware_weight
 from .functional import noisy_conv2d, noisy_linear
 from .spec import NoiseSpec
 from .tile import TileSpec
@@ -159,6 +160,8 @@ class NoisyMixin:
             if not override.enabled:
                 return None
             spec = override.apply(self.spec)
+        if override is not None and override.hardware is not None:
+            return self._hardware_args(override, name)
         if spec.eta == 0.0 and not chip:
             return None
         compiling = torch.compiler.is_compiling()
@@ -185,6 +188,17 @@ class NoisyMixin:
         if not advance:
             return spec, seed, self._buffers[cname]
         return spec, seed, self._advance_calls(cname)
+
+    def _hardware_args(self, override, name: str):
+        """(HardwareRead, chip key, chip) for this use of weight ``name`` on the block's chip:
+        the key is the one a Gaussian ``draw=k`` uses, the read the next of this weight's."""
+        from .hardware.base import HardwareRead
+
+        base = rng.initial_seed() if override.seed is None else override.seed
+        wids = self.__dict__.get("_draw_wids") or self._noise_wids
+        read = override.next_read((id(self), name))
+        key = _seed(base, *wids[name], _DRAW_TAG)
+        return HardwareRead(override.hardware, override.t, override.draw, read), key, override.draw
 
     def _advance_calls(self, cname: str = "noise_calls") -> torch.Tensor:
         """This use's offset (the counter's value) and the counter moved on by one."""
@@ -257,6 +271,8 @@ class Linear(NoisyMixin, nn.Linear):
         if args is None:
             return F.linear(input, self.weight, self.bias)
         spec, seed, offset = args
+        if type(spec) is not NoiseSpec:  # a chip (fastnoise.noise(hardware=...))
+            return F.linear(input, hardware_weight(self.weight, spec, seed), self.bias)
         if tile is not None:
             counts = self._buffers.get("input_range_update_idx") if self.training else None
             return tile_linear(input, self.weight, self.bias, self._parameters.get("input_range"), tile,
@@ -288,6 +304,8 @@ class Conv2d(NoisyMixin, nn.Conv2d):
         if args is None:
             return self._conv_forward(input, self.weight, self.bias)
         spec, seed, offset = args
+        if type(spec) is not NoiseSpec:  # a chip (fastnoise.noise(hardware=...))
+            return self._conv_forward(input, hardware_weight(self.weight, spec, seed), self.bias)
         if tile is not None:
             return self._tile_forward(input, tile, spec, seed, offset)
         if _pregenerated_lookup is not None:

@@ -89,7 +89,11 @@ def _versions(layer: nn.Module) -> tuple:
 
 
 def _peek(layer: nn.Module):
-    """(spec, seed, offset) of the layer's next call without advancing its counter, or None."""
+    """(spec, seed, offset) of the layer's next call without advancing its counter, or None
+    (also on a chip, ``noise(hardware=...)``: each read draws its own noise)."""
+    override = context.current()
+    if override is not None and override.hardware is not None:
+        return None
     return layer._noise_args(advance=False)
 
 

@@ -65,6 +65,16 @@ class RobustnessResult:
     def __post_init__(self):
         assert len(self.etas) == len(self.accuracies)
 
+    @property
+    def axis(self) -> str:
+        """What ``etas`` holds: ``"eta"``, or ``"t"`` (seconds on a chip, ``hardware=``)."""
+        return self.extra.get("axis", "eta")
+
+    @property
+    def times(self) -> list:
+        """The times (s) of a chip result (``hardware=``): the same list as ``etas``."""
+        return self.etas
+
     # statistics --------------------------------------------------------------
     @property
     def mean(self) -> list:
@@ -87,7 +97,7 @@ class RobustnessResult:
         return [max(a) for a in self.accuracies]
 
     def rows(self) -> list[dict]:
-        return [{"eta": e, "draws": len(a), "mean": m, "std": s, "min": lo, "max": hi}
+        return [{self.axis: e, "draws": len(a), "mean": m, "std": s, "min": lo, "max": hi}
                 for e, a, m, s, lo, hi in zip(self.etas, self.accuracies, self.mean, self.std,
                                               self.min, self.max, strict=True)]
 
@@ -96,10 +106,13 @@ class RobustnessResult:
         """A Markdown table: eta | draws | mean | std | min | max (top-1 %)."""
         scale = f", scale={self.scale}" if self.scale else ""
         unit = "tokens" if self.metric == "perplexity" else "samples"
-        lines = [f"{self.name}: {self.what} under weight noise{scale}, {self.samples} {unit}",
-                 "| eta | draws | mean | std | min | max |", "|---|---|---|---|---|---|"]
+        what = (f"on {self.extra['hardware']} chips" if "hardware" in self.extra
+                else f"under weight noise{scale}")
+        head = "t (s)" if self.axis == "t" else "eta"
+        lines = [f"{self.name}: {self.what} {what}, {self.samples} {unit}",
+                 f"| {head} | draws | mean | std | min | max |", "|---|---|---|---|---|---|"]
         for r in self.rows():
-            lines.append(f"| {r['eta']:g} | {r['draws']} | {r['mean']:.2f} | {r['std']:.2f} | "
+            lines.append(f"| {r[self.axis]:g} | {r['draws']} | {r['mean']:.2f} | {r['std']:.2f} | "
                          f"{r['min']:.2f} | {r['max']:.2f} |")
         return "\n".join(lines)
 
@@ -114,9 +127,9 @@ class RobustnessResult:
         width = max(len(a) for a in self.accuracies) if self.accuracies else 0
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["eta", "draws", "mean", "std", "min", "max"] + [f"acc_{k}" for k in range(width)])
+            w.writerow([self.axis, "draws", "mean", "std", "min", "max"] + [f"acc_{k}" for k in range(width)])
             for r, a in zip(self.rows(), self.accuracies, strict=True):
-                w.writerow([r["eta"], r["draws"], r["mean"], r["std"], r["min"], r["max"]] + list(a)
+                w.writerow([r[self.axis], r["draws"], r["mean"], r["std"], r["min"], r["max"]] + list(a)
                            + [""] * (width - len(a)))
 
     def plot(self, path: str, title: Optional[str] = None) -> None:
@@ -139,7 +152,8 @@ def results_table(results, digits: int = 1) -> str:
     for name, r in named.items():
         if list(r.etas) != list(etas):
             raise ValueError(f"result {name!r} has etas {r.etas}, the first has {etas}")
-    header = "| eta | " + " | ".join(named) + " |"
+    axis = "t (s)" if next(iter(named.values())).axis == "t" else "eta"
+    header = f"| {axis} | " + " | ".join(named) + " |"
     lines = [header, "|---|" + "---|" * len(named)]
     for i, e in enumerate(etas):
         cells = [f"{r.mean[i]:.{digits}f} ± {r.std[i]:.{digits}f}" for r in named.values()]
@@ -148,13 +162,15 @@ def results_table(results, digits: int = 1) -> str:
 
 
 def results_to_csv(results, path: str) -> None:
-    """Long format: ``name, eta, draws, mean, std, min, max``."""
+    """Long format: ``name, eta, draws, mean, std, min, max`` (``t`` for chip results)."""
+    named = _as_named(results)
+    axis = next(iter(named.values())).axis if named else "eta"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["name", "eta", "draws", "mean", "std", "min", "max"])
-        for name, r in _as_named(results).items():
+        w.writerow(["name", axis, "draws", "mean", "std", "min", "max"])
+        for name, r in named.items():
             for row in r.rows():
-                w.writerow([name, row["eta"], row["draws"], row["mean"], row["std"], row["min"], row["max"]])
+                w.writerow([name, row[r.axis], row["draws"], row["mean"], row["std"], row["min"], row["max"]])
 
 
 def plot_results(results, path: str, title: Optional[str] = None) -> None:
@@ -171,11 +187,16 @@ def plot_results(results, path: str, title: Optional[str] = None) -> None:
         std = torch.tensor(r.std)
         ax.plot(r.etas, mean.tolist(), marker="o", label=name)
         ax.fill_between(r.etas, (mean - std).tolist(), (mean + std).tolist(), alpha=0.2)
-    scale = next(iter(named.values())).scale
-    ax.set_xlabel(f"eta (noise scale: {scale})" if scale else "eta")
     first = next(iter(named.values()))
+    scale = first.scale
+    if first.axis == "t":  # a chip over time: a log time axis
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel(f"time after programming (s), {first.extra.get('hardware', 'chip')}")
+    else:
+        ax.set_xlabel(f"eta (noise scale: {scale})" if scale else "eta")
     ax.set_ylabel(first.what)
-    ax.set_title(title or f"{first.what} under weight noise (mean ± std over draws)")
+    ax.set_title(title or (f"{first.what} on chips over time (mean ± std over chips)" if first.axis == "t"
+                           else f"{first.what} under weight noise (mean ± std over draws)"))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -231,14 +252,16 @@ def _top1_batch(model: nn.Module, batch, device, amp, channels_last) -> list:
     return [int((out.argmax(-1) == y).sum()), int(y.numel())]
 
 
-def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float], draws: int,
-                        spec: Optional[NoiseSpec] = None, *, device=None, progress: bool = True,
-                        name: str = "model", autocast_dtype: Optional[torch.dtype] = None,
-                        channels_last: bool = False, distributed: bool = False,
-                        pregenerate: Optional[bool] = None, seed: Optional[int] = None,
+def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Optional[Sequence[float]] = None,
+                        draws: Optional[int] = None, spec: Optional[NoiseSpec] = None, *, device=None,
+                        progress: bool = True, name: str = "model",
+                        autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
+                        distributed: bool = False, pregenerate: Optional[bool] = None,
+                        seed: Optional[int] = None, hardware=None,
+                        times: Optional[Sequence[float]] = None,
                         task: Optional[str] = None) -> RobustnessResult:
     """Top-1 accuracy (percent), or a causal LM's perplexity, of ``model`` on ``loader`` under
-    weight noise.
+    weight noise, or on chips of a hardware model over time.
 
     For each ``eta``: one clean pass if ``eta == 0``, else ``draws`` passes, pass ``k`` inside
     ``fastnoise.noise(eta=eta, scale=spec.scale, draw=k)`` (one fixed noisy copy of the weights
@@ -268,18 +291,28 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
         seed: the chips: draw ``k`` of seed ``seed``, each layer named by its place in ``model``
             (see the module docstring). None: :func:`fastnoise.initial_seed` and the layers' own
             ids.
+        hardware, times: instead of ``etas``, a hardware model (``fastnoise.PCM()`` or its name,
+            ``"pcm"``) and the times (s after programming) to evaluate: pass ``k`` at time ``t``
+            runs inside ``fastnoise.noise(hardware=hardware, t=t, draw=k, seed=seed)``, chip ``k``
+            the same at every time; the result's ``etas`` (also ``times``) hold the times.
         task: ``"classification"`` (top-1) or ``"causal_lm"`` (perplexity, next-token
             accuracy in ``extra["accuracy"]``); None: read from the first batch (token ids:
             ``causal_lm``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    etas = _check_etas(etas)
+    if hardware is not None or times is not None:
+        hardware, times = _check_hardware(model, hardware, times, etas)
+        etas = times
+    else:
+        if etas is None:
+            raise ValueError("give etas (noise levels), or hardware= and times=")
+        etas = _check_etas(etas)
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be an int >= 1, got {draws!r}")
     if spec is not None and not isinstance(spec, NoiseSpec):
         raise TypeError(f"spec must be a fastnoise.NoiseSpec or None, got {type(spec).__name__}")
-    if any(e > 0 for e in etas) and not noisy_layers(model):
+    if hardware is None and any(e > 0 for e in etas) and not noisy_layers(model):
         raise ValueError("the model has no fastnoise layers, so noise cannot be applied: "
                          "convert it first with fastnoise.convert(model, spec)")
     if device is None:
@@ -291,7 +324,8 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
     if task is not None and task not in lm.TASKS:
         raise ValueError(f"task must be one of {list(lm.TASKS)} or None, got {task!r}")
     overrides = {} if spec is None else {"scale": spec.scale, "noise_bias": spec.noise_bias}
-    passes = [(i, e, k) for i, e in enumerate(etas) for k in (range(1) if e == 0 else range(draws))]
+    passes = [(i, e, k) for i, e in enumerate(etas)
+              for k in (range(1) if e == 0 and hardware is None else range(draws))]
 
     bar = None
     if progress:
@@ -316,7 +350,12 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
     try:
         with torch.inference_mode(), keep:
             for i, e, k in passes:
-                ctx = noise(enabled=False) if e == 0 else noise(eta=e, draw=k, seed=seed, **overrides)
+                if hardware is not None:
+                    ctx = noise(hardware=hardware, t=e, draw=k, seed=seed)
+                elif e == 0:
+                    ctx = noise(enabled=False)
+                else:
+                    ctx = noise(eta=e, draw=k, seed=seed, **overrides)
                 with ctx:
                     task, stats = _one_pass(model, loader, device, autocast_dtype, channels_last, task)
                 if not stats:
@@ -349,10 +388,38 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Sequence[float
         if bar is not None:
             bar.close()
     causal = task == "causal_lm"
+    extra = {} if hardware is None else {"axis": "t", "hardware": hardware.name}
+    if causal:
+        extra["accuracy"] = token_acc
     return RobustnessResult(etas, results, name=name,
                             scale=spec.scale if spec is not None else _layer_scale(model), samples=samples,
-                            extra={"accuracy": token_acc} if causal else {},
-                            metric="perplexity" if causal else "top1")
+                            extra=extra, metric="perplexity" if causal else "top1")
+
+
+def _check_hardware(model: nn.Module, hardware, times, etas):
+    """(hardware model, times) of a chip evaluation, or one clear error."""
+    from .hardware import by_name
+    from .hardware.base import HardwareModel, check_time
+
+    if hardware is None:
+        raise ValueError("times= are times on a chip: give hardware= too (e.g. fastnoise.PCM())")
+    if isinstance(hardware, str):
+        hardware = by_name(hardware)
+    if not isinstance(hardware, HardwareModel):
+        raise TypeError(f"hardware must be a fastnoise hardware model (e.g. fastnoise.PCM()) or its "
+                        f"name, got {type(hardware).__name__}")
+    if etas is not None:
+        raise ValueError("give etas (Gaussian noise) or hardware= with times=, not both")
+    if times is None:
+        raise ValueError("hardware= needs times=, the seconds after programming (e.g. [1, 86400])")
+    times = list(times)
+    if not times:
+        raise ValueError("times is empty")
+    times = [check_time(t) for t in times]
+    if not noisy_layers(model):
+        raise ValueError(f"hardware={hardware.name!r} was given, but the model has no fastnoise "
+                         "layers to put on the chip: convert it first with fastnoise.convert(model, spec)")
+    return hardware, times
 
 
 def _layer_scale(model: nn.Module) -> Optional[str]:

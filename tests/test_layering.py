@@ -17,10 +17,10 @@ KERNELS = os.path.join(os.path.dirname(ROOT), "kernels")
 
 # the layers, top (imported by everything) to bottom; a new module must be given its place here
 LAYERS = [
-    ("base", {"spec", "rng", "context", "dispatch", "progress", "tile"}),
+    ("base", {"spec", "rng", "context", "dispatch", "progress", "tile", "hardware"}),
     ("reference and backends", {"reference", "kernels", "_backends", "_backends_base", "_backends_linear",
                                 "_backends_conv", "_backends_cpu", "_cpu"}),
-    ("ops", {"functional", "tile_ops"}),
+    ("ops", {"functional", "tile_ops", "_hardware_ops"}),
     ("layers", {"modules", "intercept", "convert"}),
     ("users of layers", {"pregenerate", "robustness", "testing", "cli", "train", "lm", "integrations",
                          "aihwkit", "__init__", "__main__"}),

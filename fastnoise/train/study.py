@@ -72,6 +72,7 @@ BASELINE = "noise"
 # default etas: these multiples of the training eta (0 to 1.5x, denser around the training eta)
 STUDY_ETA_FACTORS = (0.0, 0.5, 1.0, 1.5)
 DEFAULT_DRAWS = 8
+STUDY_TIMES = (1.0, 86400.0, 3.15e7)  # on a chip (hardware=): 1 s, 1 day, 1 year after programming
 MARKER = "study.json"
 STUDY_VERSION = 1
 
@@ -172,6 +173,7 @@ class StudyResult:
     draws: int
     results: dict = field(default_factory=dict)
     tables: str = ""
+    chip: Optional[StudyResult] = None  # the same models on chips over time (hardware=)
 
     def values(self, model: str, eta_index: int) -> list:
         """All accuracies of ``model`` at ``etas[eta_index]``, over seeds and chips."""
@@ -201,12 +203,13 @@ def _signed(v: float) -> str:
     return f"{v:+.2f}"
 
 
-def format_tables(study: StudyResult, header: str = "") -> str:
-    """Table 1 (mean ± std per model and eta) and table 2 (paired differences to noise-only)."""
+def format_tables(study: StudyResult, header: str = "", axis: str = "eta") -> str:
+    """Table 1 (mean ± std per model and eta) and table 2 (paired differences to noise-only);
+    ``axis`` names the first column (``"t (s)"`` for a study on chips over time)."""
     lines = []
     if header:
         lines += [header, ""]
-    lines += ["| eta | " + " | ".join(study.models) + " |", "|---|" + "---|" * len(study.models)]
+    lines += [f"| {axis} | " + " | ".join(study.models) + " |", "|---|" + "---|" * len(study.models)]
     for i, e in enumerate(study.etas):
         cells = []
         for m in study.models:
@@ -218,7 +221,7 @@ def format_tables(study: StudyResult, header: str = "") -> str:
         unit = "perplexity, lower is better" if _metric(study) == "perplexity" else "points of top-1"
         lines += ["", f"Paired difference to {BASELINE}-only ({unit}, same seed and same chip): "
                   f"mean [95% CI], t over the {len(study.seeds)} per-seed means", "",
-                  "| eta | " + " | ".join(f"{m} - {BASELINE}" for m in others) + " |",
+                  f"| {axis} | " + " | ".join(f"{m} - {BASELINE}" for m in others) + " |",
                   "|---|" + "---|" * len(others)]
         for i, e in enumerate(study.etas):
             cells = []
@@ -293,7 +296,7 @@ def _check_out(out: str, settings: dict, resume: bool, python: bool = False) -> 
     with open(marker) as f:
         saved = json.load(f)
     now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
-    for key in ("version", "seeds", "etas", "draws", "methods", "config"):
+    for key in ("version", "seeds", "etas", "draws", "methods", "config", "hardware"):
         if saved.get(key) != now.get(key):
             raise ConfigError(f"cannot resume study {out!r} with other settings: its {key} differ "
                               f"({MARKER} has {saved.get(key)!r}, now {now.get(key)!r})")
@@ -395,9 +398,11 @@ def _amp_dtype(cfg: dict, dev: torch.device) -> Optional[torch.dtype]:
 
 
 def _measure(study: StudyResult, load: Callable, loader, dtype, dev, progress: bool, step: Callable,
-             task: Optional[str] = None) -> None:
+             task: Optional[str] = None, chip=None) -> None:
     """Every model of ``study`` on the chips of each seed (``load(name, seed)`` gives the model
-    and whether it runs channels_last); results already in ``OUT/evals`` are read back."""
+    and whether it runs channels_last); results already in ``OUT/evals`` are read back.
+    ``chip``: ``(hardware model, times)``: on those chips at those times (``study.etas`` holds
+    the times) instead of Gaussian noise."""
     # the validation set is read once and kept as batches (it has no augmentation): the
     # evaluation makes 1 + draws x etas passes over it per model and seed
     loader = list(loader)
@@ -405,7 +410,8 @@ def _measure(study: StudyResult, load: Callable, loader, dtype, dev, progress: b
     for s in study.seeds:
         identity = None
         for name in study.models:
-            cache = os.path.join(out, "evals", f"{name}-seed{s}.json")
+            suffix = "" if chip is None else f"-{chip[0].name}"
+            cache = os.path.join(out, "evals", f"{name}-seed{s}{suffix}.json")
             model, cl = load(name, s)
             if name != "teacher":  # the students are compared pairwise: same chips or no table
                 ident = chip_identity(model)
@@ -421,9 +427,10 @@ def _measure(study: StudyResult, load: Callable, loader, dtype, dev, progress: b
                                           scale=saved["scale"], samples=saved["samples"],
                                           extra=saved.get("extra", {}), metric=saved.get("metric", "top1"))
             else:
-                result = evaluate_on_chips(model, loader, etas, draws, chips=s, device=dev,
-                                           autocast_dtype=dtype, name=f"{name} seed {s}",
-                                           progress=progress, channels_last=cl, task=task)
+                on = {} if chip is None else {"hardware": chip[0], "times": etas}
+                result = evaluate_on_chips(model, loader, None if chip else etas, draws, chips=s,
+                                           device=dev, autocast_dtype=dtype, name=f"{name} seed {s}",
+                                           progress=progress, channels_last=cl, task=task, **on)
                 result.name = name
                 with open(cache + ".tmp", "w") as f:
                     json.dump({"etas": result.etas, "accuracies": result.accuracies,
@@ -437,7 +444,8 @@ def _measure(study: StudyResult, load: Callable, loader, dtype, dev, progress: b
 def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[Sequence[float]] = None,
               draws: int = DEFAULT_DRAWS, out: Optional[str] = None, methods: Sequence[str] = STUDY_METHODS,
               overrides: Sequence[str] = (), data_root: Optional[str] = None, resume: bool = False,
-              progress: bool = True, device=None, log: Callable[[str], None] = print) -> StudyResult:
+              progress: bool = True, device=None, log: Callable[[str], None] = print,
+              hardware=None, times: Optional[Sequence[float]] = None) -> StudyResult:
     """Run (or with ``resume=True`` continue) a study; see the module docstring.
 
     Args:
@@ -448,12 +456,18 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
         draws: simulated chips per seed and nonzero eta.
         out: the study folder (default ``runs/study-NAME``).
         methods: the students' methods (``noise`` is the baseline of the differences).
-    Returns a :class:`StudyResult`; its ``tables`` is what was printed and written.
+        hardware, times: also measure every model on chips of this hardware model
+            (``fastnoise.PCM()`` or ``"pcm"``) at these times (s after programming; default 1 s,
+            1 day, 1 year), the same chips for every model of a seed: tables 3 and 4, and
+            ``chip_accuracies.csv`` / ``chip.png``.
+    Returns a :class:`StudyResult`; its ``tables`` is what was printed and written (its
+    ``chip`` the :class:`StudyResult` on chips, or None).
     """
     cfg = resolve(recipe, overrides, data_root)
     seeds, methods = _check_runs(seeds, methods, draws, "--")
     eta = float(cfg["noise"]["eta"])
     etas = _check_etas(etas, eta, "--")
+    chip = _check_chip(hardware, times, "--")
     t = cfg["teacher"]
     if t["weights"] is None and t["epochs"] == 0:
         raise ConfigError("the study needs a teacher: set teacher.epochs=N (trained first, once) or "
@@ -463,6 +477,8 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
                           "whose outputs they compare (e.g. method.layers=[conv1,fc1])")
     out = out or os.path.join("runs", f"study-{cfg['name']}")
     settings = _settings(cfg, seeds, etas, draws, methods)
+    if chip is not None:
+        settings["hardware"] = {"model": repr(chip[0]), "times": chip[1]}
     _check_out(out, settings, resume)
     data = build_data(cfg)  # checked before anything is written (the Trainers check it again)
 
@@ -495,7 +511,8 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
     if progress:
         from ..progress import progress_bar
 
-        bar = progress_bar((tcfg is not None) + len(students) + len(seeds), "study", every=1)
+        bar = progress_bar((tcfg is not None) + len(students) + len(seeds) * (1 + (chip is not None)),
+                           "study", every=1)
     say = bar.write if bar is not None and log is print else log
 
     def step(msg: str) -> None:
@@ -529,6 +546,9 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
 
         study = StudyResult(out, etas, seeds, ["teacher", *methods], draws)
         _measure(study, load, loader, _amp_dtype(cfg, dev), dev, progress, step)
+        if chip is not None:
+            study.chip = StudyResult(out, chip[1], seeds, ["teacher", *methods], draws)
+            _measure(study.chip, load, loader, _amp_dtype(cfg, dev), dev, progress, step, chip=chip)
     finally:
         if bar is not None:
             bar.close()
@@ -545,6 +565,13 @@ def _finish(study: StudyResult, header: str, cfg: dict, out: str, log) -> StudyR
     """The tables under ``header``: into the result, OUT/accuracies.csv, OUT/tables.md and ``log``."""
     study.tables = format_tables(study, header)
     _write_outputs(study, cfg, os.path.join(out, "accuracies.csv"))
+    if study.chip is not None:
+        hw = study.chip.results[("teacher", study.seeds[0])].extra.get("hardware", "chip")
+        study.tables += "\n\n" + format_tables(
+            study.chip, f"The same models on {hw} chips over time (same chips for every model of a "
+            f"seed; {study.chip.draws} chips per seed): top-1 (%) at t seconds after programming",
+            axis="t (s)")
+        _write_chip_outputs(study.chip, cfg, hw)
     with open(os.path.join(out, "tables.md"), "w") as f:
         f.write(study.tables + "\n")
     log(study.tables)
@@ -566,6 +593,43 @@ def _write_outputs(study: StudyResult, cfg: dict, csv_path: str) -> None:
     plot_results(pooled, os.path.join(study.out, "robustness.png"),
                  title=f"{cfg['name']}: trained at eta={cfg['noise']['eta']:g}, "
                        f"{len(study.seeds)} seeds x {study.draws} chips")
+
+
+def _check_chip(hardware, times, flag: str):
+    """(hardware model, times) of a study on chips, None without ``hardware``."""
+    from ..hardware import by_name
+    from ..hardware.base import HardwareModel, check_time
+
+    if hardware is None:
+        if times is not None:
+            raise ConfigError(f"{flag}times are times on a chip: give {flag}hardware too (e.g. pcm)")
+        return None
+    try:
+        hw = by_name(hardware) if isinstance(hardware, str) else hardware
+        if not isinstance(hw, HardwareModel):
+            raise ConfigError(f"{flag}hardware must be a hardware model or its name, got {hardware!r}")
+        times = list(STUDY_TIMES if times is None else times)
+        if not times:
+            raise ConfigError(f"{flag}times is empty")
+        return hw, [check_time(t) for t in times]
+    except ValueError as e:
+        raise ConfigError(f"{flag}hardware/{flag}times: {e}") from None
+
+
+def _write_chip_outputs(study: StudyResult, cfg: dict, hw: str) -> None:
+    path = os.path.join(study.out, "chip_accuracies.csv")
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "seed", "chips", "t", "draw", "top1"])
+        for (name, s), r in study.results.items():
+            for t, accs in zip(r.etas, r.accuracies, strict=True):
+                for k, a in enumerate(accs):
+                    w.writerow([name, s, s, t, k, a])
+    os.replace(path + ".tmp", path)
+    pooled = {m: RobustnessResult(study.etas, [study.values(m, i) for i in range(len(study.etas))], name=m,
+                                  extra={"axis": "t", "hardware": hw}) for m in study.models}
+    plot_results(pooled, os.path.join(study.out, "chip.png"),
+                 title=f"{cfg['name']} on {hw} chips: {len(study.seeds)} seeds x {study.draws} chips")
 
 
 # ----------------------------------------------------------------------------- the user's models

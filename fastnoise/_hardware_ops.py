@@ -1,0 +1,65 @@
+"""A chip's effective weight on every backend: the hardware model's computation
+(:mod:`fastnoise.hardware`) fed by the fastest generator of the contract's normals at hand.
+
+- CPU (float16 / bfloat16 / float32 weights): the C++ generator of ``csrc/`` when it is built;
+- CUDA: the Triton generator of ``kernels/noise_gen.py`` (``0 + 1 * z`` on the stream asked
+  for; the tests run it on CPU tensors under ``TRITON_INTERPRET=1``);
+- otherwise, and for float64: the pure-PyTorch reference (:func:`fastnoise.rng.normal_grid`).
+
+All three draw the same z (to a few float32 ulps), so chip ``k`` at ``t`` is the same chip on
+every backend. The layers call :func:`hardware_weight` once per forward, then the clean op
+(the generate path: the effective weight lives as long as the op that reads it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _cpu, dispatch
+from .hardware.base import HardwareRead, NormalFn, reference_normal
+
+__all__ = ["hardware_weight", "normal_for"]
+
+
+def _cpu_normal(key, offset, rows, cols, stream, device):
+    return _cpu.normal_grid(key, offset, rows, cols, stream)
+
+
+def _triton_normal(key, offset, rows, cols, stream, device):
+    from .kernels import noise_gen
+    from .spec import NoiseSpec
+
+    src = torch.zeros(rows, cols, dtype=torch.float32, device=device)
+    out = torch.empty_like(src)
+    one = torch.ones(1, dtype=torch.float32, device=device)
+    off = torch.tensor(offset, dtype=torch.int64, device=device)
+    return noise_gen._launch(src, out, one, NoiseSpec(scale="range").mode, key, off, stream, rows, False)
+
+
+def normal_for(weight: Tensor) -> NormalFn:
+    """The generator of the contract's normals that serves ``weight``'s device and dtype."""
+    if weight.dtype not in dispatch.KERNEL_DTYPES:
+        return reference_normal
+    if weight.device.type == "cuda" and dispatch.triton_usable(weight)[0]:
+        return _triton_normal
+    if weight.device.type == "cpu" and _cpu.available():
+        return _cpu_normal
+    return reference_normal
+
+
+def hardware_weight(weight: Tensor, read: HardwareRead, key: int,
+                    normal: Optional[NormalFn] = None) -> Tensor:
+    """Chip ``read.chip``'s ``weight`` at ``read.t`` for read ``read.read``, in ``weight``'s shape
+    and dtype. The gradient is straight-through (as for Gaussian noise): ``W + (W_eff - W)``."""
+    normal = normal or normal_for(weight)
+    with torch.no_grad():
+        w_eff = read.model.effective_weight(weight, key, read.chip, read.t, read.read, normal)
+        w_eff = w_eff.reshape(weight.shape).to(weight.dtype)
+        if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
+            w_eff = w_eff.contiguous(memory_format=torch.channels_last)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return weight + (w_eff - weight).detach()
+    return w_eff
