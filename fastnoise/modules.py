@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from typing import Optional
 
 import torch
@@ -42,6 +43,7 @@ from .spec import NoiseSpec
 __all__ = ["Linear", "Conv2d", "NoisyMixin", "counter_name", "weight_ids"]
 
 _DRAW_TAG = 0xD7A3  # keeps evaluation draws apart from training's call counters
+_counter_lock = threading.Lock()  # held while a call counter is read and moved on
 
 # set by fastnoise.pregenerate when imported: (layer, spec, seed, offset, input) -> (W, b) or None
 _pregenerated_lookup = None
@@ -145,15 +147,23 @@ class NoisyMixin:
                 "on and the recomputed activations would see other noise than the forward, so "
                 "the gradients would be wrong. Keep fastnoise layers out of checkpointed "
                 "regions, or use fastnoise.noise(draw=k) to fix the noise for both passes.")
-        if self._noise_epoch != rng.noise_epoch():
-            self._restart_counters()
         cname = counter_name(name)
-        if not advance:
-            return spec, seed, self._buffers[cname]
-        return spec, seed, self._advance_calls(cname)
+        if compiling:  # one graph, traced once: dynamo cannot trace a lock (nor needs one)
+            if self._noise_epoch != rng.noise_epoch():
+                self._restart_counters()
+            return spec, seed, self._buffers[cname] if not advance else self._advance_calls(cname)
+        # two threads training one layer: the read and the move of the counter are one step, so
+        # every forward gets a counter value of its own (torch ops release the GIL in between)
+        with _counter_lock:
+            if self._noise_epoch != rng.noise_epoch():
+                self._restart_counters()
+            if not advance:
+                return spec, seed, self._buffers[cname]
+            return spec, seed, self._advance_calls(cname)
 
     def _advance_calls(self, cname: str = "noise_calls") -> torch.Tensor:
-        """This use's offset (the counter's value) and the counter moved on by one."""
+        """This use's offset (the counter's value) and the counter moved on by one (in eager mode,
+        under ``_counter_lock``)."""
         calls = self._buffers[cname]
         if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             # a tensor made here would be an inference tensor, which a later training forward
@@ -197,7 +207,7 @@ def _outside_scope(forward):
 
     @functools.wraps(forward)
     def wrapper(self, input):
-        if context.scopes:
+        if context.local.scopes:
             with torch._C.DisableTorchFunction():
                 return forward(self, input)
         return forward(self, input)
