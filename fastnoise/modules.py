@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import context, functional, rng
 from .functional import noisy_conv2d, noisy_linear
@@ -189,7 +190,17 @@ class NoisyMixin:
 
     def __deepcopy__(self, memo):
         """The usual deep copy, with an id of its own (see the module docstring)."""
-        new = copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+        if parametrize.is_parametrized(self):
+            # torch's parametrized classes refuse __reduce_ex__ (pickling) but deep-copy by their
+            # __dict__; the one they would add is hidden by this method, so do the same here
+            new = memo.get(id(self))
+            if new is not None:
+                return new
+            new = self.__new__(type(self))
+            memo[id(self)] = new
+            new.__dict__ = copy.deepcopy(self.__dict__, memo)
+        else:
+            new = copy._reconstruct(self, memo, *self.__reduce_ex__(4))
         if "noise_id" in self.__dict__:
             new._set_id(rng.mix64(self.noise_id, self.noise_copies))
             new.noise_copies = 0
