@@ -56,6 +56,7 @@ from ..convert import convert, noisy_layers
 from ..robustness import RobustnessResult, evaluate_robustness, plot_results
 from ..spec import NoiseSpec
 from . import checkpoint as ckpt
+from . import runfolder as rf
 from .data import build_data, eval_loader
 from .models import CLASSIFIER, CONVNETS, build_model
 from .recipes import ConfigError, resolve, validate
@@ -279,8 +280,14 @@ def _check_out(out: str, settings: dict, resume: bool) -> None:
     if not resume:
         raise ConfigError(f"study folder {out!r} already exists; pass --resume to continue it or "
                           "choose another --out")
-    with open(marker) as f:
-        saved = json.load(f)
+    try:
+        with open(marker) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{marker} cannot be read ({rf.first_line(e)}): the study's settings are lost; "
+                          "choose another --out") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{marker} holds no settings (a {type(saved).__name__}); choose another --out")
     now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
     for key in ("version", "seeds", "etas", "draws", "methods", "config"):
         if saved.get(key) != now.get(key):
@@ -288,6 +295,11 @@ def _check_out(out: str, settings: dict, resume: bool) -> None:
                               f"({MARKER} has {saved.get(key)!r}, now {now.get(key)!r})")
     if "given" in saved and "given" in now:  # fit_study: the same model, teacher and data
         _check_given(out, saved["given"], now["given"])
+
+
+def _write_marker(out: str, settings: dict) -> None:
+    """``OUT/study.json``, atomically (rewritten at every start: a kill leaves the old one whole)."""
+    rf.write_text(os.path.join(out, MARKER), json.dumps(settings, indent=1))
 
 
 def _state_layout(module: torch.nn.Module) -> list:
@@ -412,10 +424,8 @@ def _measure(study: StudyResult, load: Callable, loader, dtype, dev, progress: b
                                            autocast_dtype=dtype, name=f"{name} seed {s}",
                                            progress=progress, channels_last=cl)
                 result.name = name
-                with open(cache + ".tmp", "w") as f:
-                    json.dump({"etas": result.etas, "accuracies": result.accuracies,
-                               "scale": result.scale, "samples": result.samples}, f)
-                os.replace(cache + ".tmp", cache)
+                rf.write_text(cache, json.dumps({"etas": result.etas, "accuracies": result.accuracies,
+                                                 "scale": result.scale, "samples": result.samples}))
             study.results[(name, s)] = result
         step(f"evaluated seed {s}")
 
@@ -453,8 +463,7 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
     data = build_data(cfg)  # checked before anything is written (the Trainers check it again)
 
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, MARKER), "w") as f:
-        json.dump(settings, f, indent=1)
+    _write_marker(out, settings)
     os.makedirs(os.path.join(out, "evals"), exist_ok=True)
 
     quiet_eval = {"etas": [], "epoch_draws": cfg["eval"]["epoch_draws"], "draws": cfg["eval"]["draws"]}
@@ -531,26 +540,24 @@ def _finish(study: StudyResult, header: str, cfg: dict, out: str, log) -> StudyR
     """The tables under ``header``: into the result, OUT/accuracies.csv, OUT/tables.md and ``log``."""
     study.tables = format_tables(study, header)
     _write_outputs(study, cfg, os.path.join(out, "accuracies.csv"))
-    with open(os.path.join(out, "tables.md"), "w") as f:
-        f.write(study.tables + "\n")
+    rf.write_text(os.path.join(out, "tables.md"), study.tables + "\n")
     log(study.tables)
     return study
 
 
 def _write_outputs(study: StudyResult, cfg: dict, csv_path: str) -> None:
-    with open(csv_path + ".tmp", "w", newline="") as f:
+    with rf.atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "seed", "chips", "eta", "draw", "top1"])
         for (name, s), r in study.results.items():
             for e, accs in zip(r.etas, r.accuracies, strict=True):
                 for k, a in enumerate(accs):
                     w.writerow([name, s, s, e, k if e > 0 else "", a])
-    os.replace(csv_path + ".tmp", csv_path)
     pooled = {m: RobustnessResult(study.etas, [study.values(m, i) for i in range(len(study.etas))], name=m,
                                   scale=cfg["noise"]["scale"]) for m in study.models}
-    plot_results(pooled, os.path.join(study.out, "robustness.png"),
-                 title=f"{cfg['name']}: trained at eta={cfg['noise']['eta']:g}, "
-                       f"{len(study.seeds)} seeds x {study.draws} chips")
+    with rf.atomic_path(os.path.join(study.out, "robustness.png")) as tmp:
+        plot_results(pooled, tmp, title=f"{cfg['name']}: trained at eta={cfg['noise']['eta']:g}, "
+                                        f"{len(study.seeds)} seeds x {study.draws} chips")
 
 
 # ----------------------------------------------------------------------------- the user's models
@@ -660,8 +667,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
             **kw, **run_settings)
 
     os.makedirs(os.path.join(out, "evals"), exist_ok=True)
-    with open(os.path.join(out, MARKER), "w") as f:
-        json.dump(study_settings, f, indent=1)
+    _write_marker(out, study_settings)
     if teacher is None:
         teacher_dir = os.path.join(out, "teacher")
         messages(f"[study] clean teacher: {teacher_epochs} epochs in {teacher_dir}")
