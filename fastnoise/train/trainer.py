@@ -233,6 +233,18 @@ def teacher_config(cfg: dict) -> dict:
     return t
 
 
+def _logged_rows(path: str, keys: tuple) -> list[tuple]:
+    """The int ``keys`` columns of a log's rows that have them (none if there is no such file)."""
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, newline="", errors="replace") as f:
+        for row in csv.DictReader(f):
+            with contextlib.suppress(TypeError, ValueError):
+                out.append(tuple(int(row.get(k)) for k in keys))
+    return out
+
+
 class Trainer:
     """One training run; see the module docstring for what it writes.
 
@@ -305,6 +317,8 @@ class Trainer:
                 raise ConfigError(f"cannot resume {self.out!r} with other settings: {key} is {was!r} in its "
                                   f"{where}, {now!r} now")
             ck = saved.checkpoint
+            if ck is None:
+                self._check_never_checkpointed(saved.config)
             if ck is not None and self.stop_at_step is not None and self.stop_at_step <= ck["global_step"]:
                 raise ConfigError(f"--stop-at-step {self.stop_at_step} is not after the checkpoint's step "
                                   f"{ck['global_step']} in {self.out!r}")
@@ -312,6 +326,25 @@ class Trainer:
         elif entries and not self.overwrite:
             raise ConfigError(f"run folder {self.out!r} already exists; pass --resume to continue it "
                               "or --overwrite to replace it")
+
+    def _check_never_checkpointed(self, cfg: dict) -> None:
+        """A resume without last.pt starts from step 0: refused if the logs show that the run went
+        past a checkpoint (its last.pt was then lost, and step 0 would silently redo and cut its
+        logs). Checkpoints come after the step's log row and after an epoch's metrics row, so a
+        step logged after one is the proof: a step of the second epoch or later, a second epoch
+        in metrics.csv, or a step past ``checkpoint.every_steps``."""
+        steps = _logged_rows(self._path("steps.csv"), ("step", "epoch"))
+        epochs = _logged_rows(self._path("metrics.csv"), ("epoch",))
+        ck_every = cfg["checkpoint"]["every_steps"]
+        proof = None
+        if any(epoch >= 1 for _, epoch in steps) or len(epochs) >= 2:
+            proof = "its logs show a finished epoch followed by more training"
+        elif ck_every and any(step > ck_every for step, _ in steps):
+            last = max(step for step, _ in steps)
+            proof = f"steps.csv logs step {last}, past the checkpoint at step {ck_every}"
+        if proof is not None:
+            raise ConfigError(f"cannot resume {self.out!r}: {self._path('last.pt')} is missing, but {proof}; "
+                              "restore last.pt, or start again with --overwrite")
 
     def _clear_run_folder(self) -> None:
         """``--overwrite``: last.pt first (a kill part way leaves nothing to resume from), the
@@ -327,6 +360,14 @@ class Trainer:
             if os.path.isfile(self._path(name)):
                 rf.fault("delete", self._path(name))
                 os.remove(self._path(name))
+        # the replaced run's `fastnoise eval --run` tables (OUT/eval) describe a model that is gone
+        edir = self._path("eval")
+        if os.path.isdir(edir):
+            gone = self._path(f".eval.tmp-{os.getpid()}")
+            os.replace(edir, gone)
+            rf.fsync_dir(self.out)
+            rf.fault("delete", edir)
+            shutil.rmtree(gone)
 
     def _raise_from_main(self, err: Optional[Exception]) -> None:
         """Raise rank 0's error on every rank (rank 0 alone writes; the others would wait)."""
