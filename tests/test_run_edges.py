@@ -20,7 +20,8 @@ from fastnoise.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # digits: 3 steps per epoch at batch 500
-TINY = ["--recipe", "digits", "--no-progress", "--device", "cpu", "model.arch=digits_mlp", "data.batch_size=500",
+TINY = ["--recipe", "digits", "--no-progress", "--device", "cpu", "model.arch=digits_mlp",
+        "data.batch_size=500",
         "eval.etas=[0.0]", "eval.epoch_draws=0", "log.every=1"]
 KD = [*TINY, "method.name=kd", "teacher.epochs=1", "schedule.epochs=2"]
 

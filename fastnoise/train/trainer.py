@@ -57,7 +57,14 @@ from torch import nn
 
 from .. import rng
 from ..convert import convert, load_noise_state_dict, noise_state_dict, noisy_layers
-from ..robustness import RobustnessResult, evaluate_robustness
+from ..robustness import (
+    RobustnessResult,
+    TargetError,
+    check_targets,
+    evaluate_robustness,
+    first_bad_target,
+    target_range_error,
+)
 from ..spec import NoiseSpec
 from . import checkpoint as ckpt
 from . import distributed
@@ -231,6 +238,47 @@ def teacher_config(cfg: dict) -> dict:
     t["eval"]["etas"] = [0.0]
     t["eval"]["epoch_draws"] = 0
     return t
+
+
+def _known_labels(data):
+    """Every label of a dataset without reading its inputs, where it keeps them apart (a
+    TensorDataset's second tensor, ``.targets`` without a ``target_transform``, a Subset of
+    either); None otherwise (then each batch's labels are checked as training reads them)."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        return None  # its sampler and collate decide what a batch holds
+    if isinstance(data, torch.utils.data.Subset):
+        inner = _known_labels(data.dataset)
+        return None if inner is None else inner[torch.as_tensor(data.indices, dtype=torch.int64)]
+    if isinstance(data, torch.utils.data.TensorDataset):
+        return data.tensors[1] if len(data.tensors) == 2 else None
+    targets = getattr(data, "targets", None)
+    if targets is None or getattr(data, "target_transform", None) is not None:
+        return None
+    try:
+        t = torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return t if t.dim() >= 1 and len(t) == _size(data) else None
+
+
+def _check_all_labels(data, classes: int, what: str) -> None:
+    """Each label of ``data`` (where :func:`_known_labels` has them) is an integer in
+    ``[0, classes)``, one per sample; the error names the first bad index."""
+    y = _known_labels(data) if data is not None else None
+    if y is None or not len(y):
+        return
+    if y.dtype == torch.bool or y.dtype.is_floating_point or y.dtype.is_complex:
+        raise ConfigError(f"{what}'s labels are {str(y.dtype).replace('torch.', '')} (e.g. {what}[0]'s is "
+                          f"{y[0].tolist()!r}): labels must be integer class indices")
+    if y.dim() != 1:
+        raise ConfigError(f"{what}'s labels have shape {list(y.shape)}: one integer class index per "
+                          "sample is needed, shape [n]" + (" (squeeze the [n, 1] column)" if y.dim() == 2
+                                                           and y.shape[1] == 1 else ""))
+    j = first_bad_target(y, classes)
+    if j is not None:
+        hint = " (1-based labels?)" if int(y[j]) == classes else ""
+        raise ConfigError(f"{what}[{j}]'s label is {int(y[j])}: labels must be integers in [0, {classes}) "
+                          f"(the model has {classes} outputs){hint}")
 
 
 def _logged_rows(path: str, keys: tuple) -> list[tuple]:
@@ -464,6 +512,18 @@ class Trainer:
                               f"(some names it has: {known})")
         if g.val is not None and _size(g.val) == 0:
             raise ConfigError("val_data has no samples")
+        params = list(g.model.parameters())
+        if not any(p.requires_grad for p in params):
+            why = (f"all {len(params)} of its parameter tensors are frozen (requires_grad=False)" if params
+                   else "it has no parameters")
+            raise ConfigError(f"the model has nothing to train: {why}")
+        for what, data in (("train_data", g.train), ("val_data", g.val)):
+            first = _first_sample(data) if data is not None else None
+            if first is not None and not (isinstance(first, (tuple, list)) and len(first) == 2
+                                          and isinstance(first[0], torch.Tensor)):
+                got = f"a {len(first)}-item {type(first).__name__}" if isinstance(first, (tuple, list)) else \
+                    f"a {type(first).__name__}"
+                raise ConfigError(f"{what}[0] is {got}, not an (input tensor, label) pair")
         sample = _first_sample(g.val) if g.val is not None else None
         where = "val_data[0]"
         if sample is None:
@@ -499,10 +559,15 @@ class Trainer:
                 raise ConfigError(f"the teacher has {out.shape[1]} outputs, the model {classes}")
             classes = int(out.shape[1])
         label = sample[1]
-        label = int(label) if isinstance(label, torch.Tensor) and label.numel() == 1 else label
+        if isinstance(label, torch.Tensor):  # a 0-d integer tensor is an int label; 1.0, True, [3] are not
+            label = (int(label) if label.dim() == 0 and not (label.dtype == torch.bool
+                                                              or label.dtype.is_floating_point
+                                                              or label.dtype.is_complex) else label)
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes:
             raise ConfigError(f"{where}'s label is {sample[1]!r}: labels must be integers in [0, {classes}) "
                               f"(the model has {classes} outputs)")
+        for what, data in (("train_data", g.train), ("val_data", g.val)):
+            _check_all_labels(data, classes, what)
         return classes, type(g.model).__name__, convnet
 
     def _check_teacher_settings(self) -> None:
@@ -747,8 +812,36 @@ class Trainer:
             "metrics": self.metrics,
         }
 
-    def _diverged(self, what: str) -> rf.DivergedError:
-        """The error of a run whose loss or weights became non-finite, naming the likely cause."""
+    def _nonfinite_input(self, since: int) -> Optional[str]:
+        """The first training sample of this epoch's steps ``since + 1 ..`` now whose input is not
+        finite (read again from the data, on the failure path only), or None."""
+        if self._loader_given or not isinstance(self.sampler, EpochBatchSampler):
+            return None
+        samples = self.train_loader.dataset
+        self.sampler.set_epoch(self.epoch, since)
+        for k, batch in enumerate(self.sampler):
+            step = since + k + 1
+            if step > self.step_in_epoch:
+                break
+            for pos, item in enumerate(batch):
+                x = samples[item][0]
+                if not isinstance(x, torch.Tensor) or not x.is_floating_point() or bool(x.isfinite().all()):
+                    continue
+                kind = "nan" if bool(torch.isnan(x).any()) else "inf"
+                at = self.global_step - self.step_in_epoch + step
+                return (f"the training data are not finite: sample {item[0]} (position {pos} of the batch of "
+                        f"step {at}, epoch {self.epoch + 1}) holds {kind}")
+        return None
+
+    def _diverged(self, what: str, since: Optional[int] = None) -> Exception:
+        """The error of a run whose loss or weights became non-finite, naming the likely cause:
+        non-finite training inputs (a ConfigError naming the sample) when the steps since the loss
+        was last seen finite (``since``, a step of this epoch) read one."""
+        if since is not None:
+            bad = self._nonfinite_input(since)
+            if bad is not None:
+                return ConfigError(f"training stopped at step {self.global_step}: {what}, because {bad}; "
+                                   "clean or drop those samples")
         n, o = self.cfg["noise"], self.cfg["optim"]
         eta = f"noise.eta={n['eta']:g} ({n['scale']} scale)"
         lr = f"optim.lr={o['lr']:g}"
@@ -899,13 +992,16 @@ class Trainer:
     def _validate(self) -> dict:
         if self.val_loader is None:
             return {}
-        clean = evaluate_robustness(self.base, self.val_loader, [0.0], 1, **self._eval_kwargs())
-        out = {"val_top1": clean.mean[0]}
-        draws = self.cfg["eval"]["epoch_draws"]
-        eta = self.spec.eta
-        if draws > 0 and eta > 0:
-            r = evaluate_robustness(self.base, self.val_loader, [eta], draws, **self._eval_kwargs())
-            out["val_top1_noisy"] = r.mean[0]
+        try:
+            clean = evaluate_robustness(self.base, self.val_loader, [0.0], 1, **self._eval_kwargs())
+            out = {"val_top1": clean.mean[0]}
+            draws = self.cfg["eval"]["epoch_draws"]
+            eta = self.spec.eta
+            if draws > 0 and eta > 0:
+                r = evaluate_robustness(self.base, self.val_loader, [eta], draws, **self._eval_kwargs())
+                out["val_top1_noisy"] = r.mean[0]
+        except TargetError as e:
+            raise ConfigError(f"the validation data: {e}") from None
         return out
 
     def evaluate(self, etas=None, draws=None, seed: Optional[int] = None) -> RobustnessResult:
@@ -925,7 +1021,24 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ training
+    def _check_batch_labels(self, y) -> None:
+        """The labels of this step's batch, before the forward (torch's own errors come after the
+        run folder is written and name no sample): on the CPU, where the loader gives them, one
+        aminmax of a batch of ints."""
+        where = f"the training batch of step {self.global_step + 1} (epoch {self.epoch + 1})"
+        n = len(y) if isinstance(y, torch.Tensor) and y.dim() else 0
+        try:
+            check_targets(y, n, where)
+        except TargetError as e:
+            raise ConfigError(str(e)) from None
+        if n and y.device.type == "cpu" and self.num_classes is not None:
+            lo, hi = torch.aminmax(y)
+            if int(lo) < 0 or int(hi) >= self.num_classes:
+                raise ConfigError(target_range_error(y, first_bad_target(y, self.num_classes),
+                                                     self.num_classes, where))
+
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        self._check_batch_labels(y)
         dev = self.dist.device
         x = x.to(dev, non_blocking=True)
         y = y.to(dev, non_blocking=True)
@@ -1014,6 +1127,7 @@ class Trainer:
                 self.base.train()
                 self.task.train()
                 self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+                checked = self.step_in_epoch
                 for x, y in self.train_loader:
                     out = self._step(x, y)
                     self.step_in_epoch += 1
@@ -1029,7 +1143,8 @@ class Trainer:
                         if bar is not None:
                             bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch + 1)
                         if not math.isfinite(loss):
-                            raise self._diverged(f"the loss is {loss}")
+                            raise self._diverged(f"the loss is {loss}", checked)
+                        checked = self.step_in_epoch  # the loss was finite up to here
                     if bar is not None:
                         bar.update(1)
                     # a DataLoader stops at the epoch's end, after the epoch is recorded (below)
@@ -1039,7 +1154,7 @@ class Trainer:
                         self._save()
                 row = self._epoch_row(time.perf_counter() - t0)
                 if not math.isfinite(row["train_loss"]):
-                    raise self._diverged(f"the epoch's mean loss is {row['train_loss']}")
+                    raise self._diverged(f"the epoch's mean loss is {row['train_loss']}", 0)
                 self._check_finite()
                 self.epoch += 1
                 self.step_in_epoch = 0
