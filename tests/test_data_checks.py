@@ -171,7 +171,7 @@ def test_fit_names_a_bad_validation_label_of_a_dataset_without_targets(tmp_path)
     x, y = _xy()
     vx, vy = _xy(16)
     vy[9] = C
-    with pytest.raises(ConfigError, match=r"the validation data: the target at position 9 of batch 0 .* is 3, "
-                                          r"outside \[0, 3\)"):
+    match = r"the validation data: the target at position 9 of batch 0 .* is 3, outside \[0, 3\)"
+    with pytest.raises(ConfigError, match=match):
         fit(_model(), TensorDataset(x, y), _Plain(vx, vy), out_dir=str(tmp_path / "run"), epochs=1,
             batch_size=8, messages=lambda m: None, device="cpu", eval={"etas": [0.0], "epoch_draws": 0})

@@ -814,9 +814,11 @@ class Trainer:
 
     def _nonfinite_input(self, since: int) -> Optional[str]:
         """The first training sample of this epoch's steps ``since + 1 ..`` now whose input is not
-        finite (read again from the data, on the failure path only), or None."""
+        finite (read again from the data, on the failure path only; at most the last
+        ``log.every`` steps, those since the loss was last seen finite), or None."""
         if self._loader_given or not isinstance(self.sampler, EpochBatchSampler):
             return None
+        since = max(since, self.step_in_epoch - self.cfg["log"]["every"])
         samples = self.train_loader.dataset
         self.sampler.set_epoch(self.epoch, since)
         for k, batch in enumerate(self.sampler):
