@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,6 +13,8 @@ import torch
 from .spec import NoiseSpec
 
 __all__ = ["noise", "current"]
+
+MAX_DRAW = 2**32  # a draw is the 32-bit offset word of the noise counter
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,23 @@ def _replaced(spec: NoiseSpec, changes: tuple) -> NoiseSpec:
     return spec.replace(**dict(changes))
 
 
-_stack: list[NoiseOverride] = []
-# the noise scopes (fastnoise.intercept) active now: the layers' fast paths step out of them
-scopes: list = []
+class _ThreadState(threading.local):
+    """What ``noise(...)`` blocks and noise scopes have set, per thread (as ``torch.no_grad`` and
+    ``autocast`` are): one thread's block never changes another thread's forwards. A thread
+    started inside a block starts with none. (dynamo traces the attribute reads and guards on them.)"""
+
+    def __init__(self) -> None:
+        self.stack: list[NoiseOverride] = []
+        # the noise scopes (fastnoise.intercept) active now: the layers' fast paths step out of them
+        self.scopes: list = []
+
+
+local = _ThreadState()
 
 
 def current() -> Optional[NoiseOverride]:
-    return _stack[-1] if _stack else None
+    stack = local.stack
+    return stack[-1] if stack else None
 
 
 @contextlib.contextmanager
@@ -81,8 +94,10 @@ def noise(eta: Optional[float] = None, scale: Optional[str] = None,
                     if v is not None)
     if changes:
         NoiseSpec().replace(**dict(changes))  # validate now, not at the first forward
-    if draw is not None and (isinstance(draw, bool) or not isinstance(draw, int) or draw < 0):
-        raise ValueError(f"draw must be an int >= 0, got {draw!r}")
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    if draw is not None and (isinstance(draw, bool) or not isinstance(draw, int) or not 0 <= draw < MAX_DRAW):
+        raise ValueError(f"draw must be an int in [0, 2**32) (the counter word it takes), got {draw!r}")
     if seed is not None:
         if draw is None:
             raise ValueError("seed= chooses the chips of draw=k; give draw too")
@@ -113,10 +128,11 @@ def noise(eta: Optional[float] = None, scale: Optional[str] = None,
     draw_tensor = None
     if draw is not None:
         with torch.inference_mode(False):
-            draw_tensor = torch.tensor(draw & 0xFFFFFFFF, dtype=torch.int64)
-    _stack.append(NoiseOverride(bool(enabled), changes, draw, seed, draw_tensor, draw is not None,
-                                hardware, 0.0 if t is None else t, {} if hardware is not None else None))
+            draw_tensor = torch.tensor(draw, dtype=torch.int64)
+    stack = local.stack  # this thread's, also when the block ends
+    stack.append(NoiseOverride(enabled, changes, draw, seed, draw_tensor, draw is not None,
+                               hardware, 0.0 if t is None else t, {} if hardware is not None else None))
     try:
         yield
     finally:
-        _stack.pop()
+        stack.pop()

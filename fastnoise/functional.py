@@ -64,7 +64,8 @@ def _check_common(x: Tensor, weight: Tensor, bias: Optional[Tensor], spec) -> No
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     """The matmul dtype: autocast's if it is on, else the input's (which must match W's)."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
+    # meta: autocast knows no such device (a meta forward counts shapes and FLOPs)
+    if dev != "meta" and torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(dev)
     if x.dtype != weight.dtype:
         raise TypeError(f"input dtype {x.dtype} does not match weight dtype {weight.dtype} "
@@ -196,6 +197,7 @@ def _direct(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     registered ops."""
     return (not _tracing()  # first: dynamo must not trace the C queries below
             and type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+            and not x.is_meta  # meta tensors: the registered op's fake gives the shapes
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()  # none, or disabled
             and torch._C._functorch.peek_interpreter_stack() is None
@@ -319,7 +321,7 @@ def noisy_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
         raise ValueError(f"input's last dimension must be in_features={weight.shape[1]}, "
                          f"got input shape {tuple(input.shape)}")
-    if spec is None or spec.eta == 0.0:
+    if spec is None or spec.eta == 0.0 or weight.numel() == 0:  # no weight, no noise (sigma 0)
         return F.linear(input, weight, bias)
     x, sigma, mode, noise_bias, off, bpath = _prepare(input, weight, bias, spec, seed, offset,
                                                       path, backward_path)
@@ -469,7 +471,7 @@ def noisy_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     if c_in != weight.shape[1] * groups or weight.shape[0] % groups:
         raise ValueError(f"input has {c_in} channels but weight {tuple(weight.shape)} with "
                          f"groups={groups} expects {weight.shape[1] * groups}")
-    if spec is None or spec.eta == 0.0:
+    if spec is None or spec.eta == 0.0 or weight.numel() == 0:  # no weight, no noise (sigma 0)
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
@@ -554,7 +556,7 @@ def noisy_weight(weight: Tensor, bias: Optional[Tensor] = None, spec: Optional[N
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if spec is not None and not isinstance(spec, NoiseSpec):
         raise TypeError(f"spec must be a fastnoise.NoiseSpec or None, got {type(spec).__name__}")
-    if spec is None or spec.eta == 0.0:
+    if spec is None or spec.eta == 0.0 or weight.numel() == 0:  # no weight, no noise (sigma 0)
         return weight, bias
     check_seed(seed)
     sigma = _cached_sigma(spec, weight, bias)

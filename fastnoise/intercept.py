@@ -379,7 +379,7 @@ class ScopeMixin:
 def _scoped_forward(base_forward):
     @functools.wraps(base_forward)
     def forward(self, *args, **kwargs):
-        scopes = context.scopes
+        scopes = context.local.scopes
         if scopes and id(self) in scopes[-1]:
             return base_forward(self, *args, **kwargs)
         table, members = _table(self)

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import context, functional, rng
 from ._hardware_ops import hardware_weight
@@ -45,6 +47,7 @@ from .tile_ops import tile_conv2d, tile_linear
 __all__ = ["Linear", "Conv2d", "NoisyMixin", "counter_name", "weight_ids"]
 
 _DRAW_TAG = 0xD7A3  # keeps evaluation draws apart from training's call counters
+_counter_lock = threading.Lock()  # held while a call counter is read and moved on
 
 # set by fastnoise.pregenerate when imported: (layer, spec, seed, offset, input) -> (W, b) or None
 _pregenerated_lookup = None
@@ -182,12 +185,19 @@ class NoisyMixin:
                 "on and the recomputed activations would see other noise than the forward, so "
                 "the gradients would be wrong. Keep fastnoise layers out of checkpointed "
                 "regions, or use fastnoise.noise(draw=k) to fix the noise for both passes.")
-        if self._noise_epoch != rng.noise_epoch():
-            self._restart_counters()
         cname = counter_name(name)
-        if not advance:
-            return spec, seed, self._buffers[cname]
-        return spec, seed, self._advance_calls(cname)
+        if compiling:  # one graph, traced once: dynamo cannot trace a lock (nor needs one)
+            if self._noise_epoch != rng.noise_epoch():
+                self._restart_counters()
+            return spec, seed, self._buffers[cname] if not advance else self._advance_calls(cname)
+        # two threads training one layer: the read and the move of the counter are one step, so
+        # every forward gets a counter value of its own (torch ops release the GIL in between)
+        with _counter_lock:
+            if self._noise_epoch != rng.noise_epoch():
+                self._restart_counters()
+            if not advance:
+                return spec, seed, self._buffers[cname]
+            return spec, seed, self._advance_calls(cname)
 
     def _hardware_args(self, override, name: str):
         """(HardwareRead, chip key, chip) for this use of weight ``name`` on the block's chip:
@@ -201,7 +211,8 @@ class NoisyMixin:
         return HardwareRead(override.hardware, override.t, override.draw, read), key, override.draw
 
     def _advance_calls(self, cname: str = "noise_calls") -> torch.Tensor:
-        """This use's offset (the counter's value) and the counter moved on by one."""
+        """This use's offset (the counter's value) and the counter moved on by one (in eager mode,
+        under ``_counter_lock``)."""
         calls = self._buffers[cname]
         if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             # a tensor made here would be an inference tensor, which a later training forward
@@ -227,7 +238,17 @@ class NoisyMixin:
 
     def __deepcopy__(self, memo):
         """The usual deep copy, with an id of its own (see the module docstring)."""
-        new = copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+        if parametrize.is_parametrized(self):
+            # torch's parametrized classes refuse __reduce_ex__ (pickling) but deep-copy by their
+            # __dict__; the one they would add is hidden by this method, so do the same here
+            new = memo.get(id(self))
+            if new is not None:
+                return new
+            new = self.__new__(type(self))
+            memo[id(self)] = new
+            new.__dict__ = copy.deepcopy(self.__dict__, memo)
+        else:
+            new = copy._reconstruct(self, memo, *self.__reduce_ex__(4))
         if "noise_id" in self.__dict__:
             new._set_id(rng.mix64(self.noise_id, self.noise_copies))
             new.noise_copies = 0
@@ -246,7 +267,7 @@ def _outside_scope(forward):
 
     @functools.wraps(forward)
     def wrapper(self, input):
-        if context.scopes:
+        if context.local.scopes:
             with torch._C.DisableTorchFunction():
                 return forward(self, input)
         return forward(self, input)

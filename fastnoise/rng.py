@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import threading
 
 import torch
 
@@ -163,6 +164,7 @@ def normal_grid(
 # ----------------------------------------------------------------------------- seeds
 _MASK64 = (1 << 64) - 1
 _state = {"seed": 0x5EED, "next_id": 0, "epoch": 0}
+_id_lock = threading.Lock()
 
 
 def mix64(*values: int) -> int:
@@ -193,6 +195,8 @@ def manual_seed(seed: int) -> None:
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"manual_seed expects an int, got {seed!r}")
+    if not -(2**63) <= seed < 2**64:  # torch.manual_seed's range; a negative seed wraps as there
+        raise ValueError(f"manual_seed expects a seed in [-2**63, 2**64), got {seed}")
     _state["seed"] = seed & _MASK64
     _state["next_id"] = 0
     _state["epoch"] += 1  # counters compare their epoch with this and restart at 0 when it moved
@@ -209,6 +213,7 @@ def initial_seed() -> int:
 
 
 def next_module_id() -> int:
-    i = _state["next_id"]
-    _state["next_id"] = i + 1
+    with _id_lock:  # layers built in two threads get two numbers
+        i = _state["next_id"]
+        _state["next_id"] = i + 1
     return i

@@ -215,13 +215,59 @@ def _check_etas(etas) -> list:
     return [float(e) for e in etas]
 
 
+class TargetError(ValueError):
+    """Targets or outputs that top-1 cannot score (a ``TargetTypeError`` is a TypeError too)."""
+
+
+class TargetTypeError(TargetError, TypeError):
+    pass
+
+
+def check_targets(y, n: int, where: str) -> None:
+    """Targets of a batch of ``n`` outputs must be ``[n]`` class indices: an integer tensor (not
+    bool or float), one per output (a ``[n, 1]`` column would broadcast against ``[n]``
+    predictions into an ``n x n`` comparison). ``where`` names the batch in the error."""
+    if not isinstance(y, torch.Tensor):
+        raise TargetTypeError(f"the targets of {where} are a {type(y).__name__}, not a tensor of class "
+                              "indices")
+    if y.dtype == torch.bool or y.dtype.is_floating_point or y.dtype.is_complex:
+        dtype = str(y.dtype).replace("torch.", "")
+        raise TargetTypeError(f"the targets of {where} are {dtype}: they must be class indices, an integer "
+                              "tensor (e.g. .long())")
+    if y.shape != (n,):
+        hint = " (squeeze the [n, 1] column to [n])" if y.dim() == 2 and y.shape[1] == 1 else ""
+        raise TargetError(f"the targets of {where} have shape {list(y.shape)}, but the model gave {n} "
+                         f"outputs: targets must be [batch] class indices{hint}")
+
+
+def check_output(out, n: int, where: str) -> int:
+    """The model's output for ``n`` inputs must be ``[n, classes]`` logits; returns ``classes``."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TargetError(f"the model's output for {where} ({n} inputs) has shape {got}: top-1 needs "
+                         "[batch, classes] logits")
+    return int(out.shape[1])
+
+
+def first_bad_target(y: torch.Tensor, classes: int) -> Optional[int]:
+    """The position of the first target outside ``[0, classes)`` (None if all are inside)."""
+    bad = ((y < 0) | (y >= classes)).nonzero()
+    return int(bad[0, 0]) if bad.numel() else None
+
+
+def target_range_error(y: torch.Tensor, j: int, classes: int, where: str) -> str:
+    hint = " (1-based labels? class indices start at 0)" if int(y[j]) == classes else ""
+    return (f"the target at position {j} of {where} is {int(y[j])}, outside [0, {classes}): the model has "
+            f"{classes} outputs{hint}")
+
+
 def _one_pass(model: nn.Module, loader: Iterable, device, autocast_dtype, channels_last,
               task: Optional[str]) -> tuple[str, list]:
     """One pass over ``loader``: ``("classification", [correct, total])`` or, for a causal LM (named, or
     read from the first batch), ``("causal_lm", [nll sum, tokens, correct])``."""
     stats: list = []
     options = None
-    for batch in loader:
+    for b, batch in enumerate(loader):
         if task is None:
             task = "causal_lm" if lm.is_token_batch(batch) else "classification"
         amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -238,18 +284,27 @@ def _one_pass(model: nn.Module, loader: Iterable, device, autocast_dtype, channe
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             raise TypeError("the loader must yield (inputs, targets) pairs (or, for a causal LM, "
                             "token-id tensors [batch, T] or dicts with 'input_ids')")
-        got = _top1_batch(model, batch, device, amp, channels_last)
+        got = _top1_batch(model, batch, device, amp, channels_last, b, stats[1] if stats else 0)
         stats = got if not stats else [a + g for a, g in zip(stats, got, strict=True)]
     return (task or "classification"), stats
 
 
-def _top1_batch(model: nn.Module, batch, device, amp, channels_last) -> list:
-    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+def _top1_batch(model: nn.Module, batch, device, amp, channels_last, b: int, seen: int) -> list:
+    """[hits, samples] of batch ``b`` (``seen`` samples before it), its targets and output checked."""
+    x, y = batch[0].to(device, non_blocking=True), batch[1]
+    where = f"batch {b} (samples {seen} to {seen + len(x) - 1} of the loader)"
+    check_targets(y, len(x), where)
+    y = y.to(device, non_blocking=True)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     with amp:
         out = model(x)
-    return [int((out.argmax(-1) == y).sum()), int(y.numel())]
+    classes = check_output(out, len(x), where)
+    # one read back per batch, as before: the hits and the targets outside [0, classes)
+    hits, outside = torch.stack([(out.argmax(-1) == y).sum(), ((y < 0) | (y >= classes)).sum()]).tolist()
+    if outside:
+        raise TargetError(target_range_error(y, first_bad_target(y, classes), classes, where))
+    return [int(hits), int(y.numel())]
 
 
 def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Optional[Sequence[float]] = None,

@@ -79,3 +79,36 @@ def test_gpu_path_on_cpu_falls_back_with_one_warning(monkeypatch):
         b = noisy_linear(X, W, path="generate")
     assert torch.equal(a, b)
     assert torch.equal(a, noisy_linear(X, W, path="reference"))
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: fastnoise.noise(draw=2**32 + 1).__enter__(), ValueError, r"2\*\*32.*4294967297"),
+        (lambda: fastnoise.noise(draw=-1).__enter__(), ValueError, "-1"),
+        (lambda: fastnoise.noise(enabled="no").__enter__(), TypeError, "'no'"),
+        (lambda: fastnoise.noise(enabled=0).__enter__(), TypeError, "0"),
+        (lambda: fastnoise.manual_seed(2**64 + 5), ValueError, str(2**64 + 5)),
+        (lambda: fastnoise.manual_seed(-(2**63) - 1), ValueError, str(-(2**63) - 1)),
+    ],
+    ids=["draw-past-32-bits", "draw-negative", "enabled-string", "enabled-int", "seed-past-64-bits",
+         "seed-below-int64"],
+)
+def test_out_of_range_draws_seeds_and_non_bool_enabled_are_refused(call, exc, match):
+    """Not wrapped silently (draw 2**32 + 1 was chip 1, seed 2**64 + 5 was seed 5)."""
+    with pytest.raises(exc, match=match):
+        call()
+    assert fastnoise.context.current() is None  # nothing left pushed
+
+
+def test_the_edges_of_the_draw_and_seed_ranges_are_taken():
+    lin = fastnoise.Linear(6, 3).eval()
+    with fastnoise.noise(draw=2**32 - 1):
+        a = lin(X)
+    with fastnoise.noise(draw=0):
+        b = lin(X)
+    assert not torch.equal(a, b)
+    fastnoise.manual_seed(2**64 - 1)
+    assert fastnoise.initial_seed() == 2**64 - 1
+    fastnoise.manual_seed(-1)  # wraps, as torch.manual_seed(-1) does
+    assert fastnoise.initial_seed() == 2**64 - 1

@@ -265,6 +265,9 @@ def _require_root(cfg) -> str:
                           "folder (pass --data DIR)")
     root = os.path.expanduser(str(root))
     if not os.path.isdir(root):
+        if os.path.exists(root):
+            raise ConfigError(f"data folder {root!r} is a file, not a folder: pass --data DIR, the folder "
+                              f"that holds the {cfg['data']['dataset']} files")
         raise ConfigError(f"data folder {root!r} does not exist")
     return root
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..robustness import evaluate_robustness
+from ..robustness import TargetError, evaluate_robustness, first_bad_target
 from . import runfolder as rf
 from .errors import ConfigError
 from .tasks import (
@@ -29,6 +29,47 @@ from .tasks import (
 )
 
 __all__ = ["ClassifierKind", "kind_for", "first_sample"]
+
+
+def _known_labels(data):
+    """Every label of a dataset without reading its inputs, where it keeps them apart (a
+    TensorDataset's second tensor, ``.targets`` without a ``target_transform``, a Subset of
+    either); None otherwise (then each batch's labels are checked as training reads them)."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        return None  # its sampler and collate decide what a batch holds
+    if isinstance(data, torch.utils.data.Subset):
+        inner = _known_labels(data.dataset)
+        return None if inner is None else inner[torch.as_tensor(data.indices, dtype=torch.int64)]
+    if isinstance(data, torch.utils.data.TensorDataset):
+        return data.tensors[1] if len(data.tensors) == 2 else None
+    targets = getattr(data, "targets", None)
+    if targets is None or getattr(data, "target_transform", None) is not None:
+        return None
+    try:
+        t = torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return t if t.dim() >= 1 and len(t) == len(data) else None
+
+
+def _check_all_labels(data, classes: int, what: str) -> None:
+    """Each label of ``data`` (where :func:`_known_labels` has them) is an integer in
+    ``[0, classes)``, one per sample; the error names the first bad index."""
+    y = _known_labels(data) if data is not None else None
+    if y is None or not len(y):
+        return
+    if y.dtype == torch.bool or y.dtype.is_floating_point or y.dtype.is_complex:
+        raise ConfigError(f"{what}'s labels are {str(y.dtype).replace('torch.', '')} (e.g. {what}[0]'s is "
+                          f"{y[0].tolist()!r}): labels must be integer class indices")
+    if y.dim() != 1:
+        raise ConfigError(f"{what}'s labels have shape {list(y.shape)}: one integer class index per "
+                          "sample is needed, shape [n]" + (" (squeeze the [n, 1] column)" if y.dim() == 2
+                                                           and y.shape[1] == 1 else ""))
+    j = first_bad_target(y, classes)
+    if j is not None:
+        hint = " (1-based labels?)" if int(y[j]) == classes else ""
+        raise ConfigError(f"{what}[{j}]'s label is {int(y[j])}: labels must be integers in [0, {classes}) "
+                          f"(the model has {classes} outputs){hint}")
 
 
 def first_sample(data):
@@ -53,6 +94,14 @@ class ClassifierKind:
         without autograd: ``(classes, the model's name, whether it has convolutions)``."""
         g, cfg = trainer.given, trainer.cfg
         names = cfg["method"]["layers"] if cfg["method"]["name"] == "consistency" else []
+        for what, data in (("train_data", g.train), ("val_data", g.val)):
+            first = first_sample(data) if data is not None else None
+            if first is not None and not (isinstance(first, (tuple, list)) and len(first) == 2
+                                          and isinstance(first[0], torch.Tensor)):
+                got = f"a {len(first)}-item {type(first).__name__}" if isinstance(first, (tuple, list)) else \
+                    f"a {type(first).__name__}"
+                raise ConfigError(f"{what}[0] is {got}, not an (input tensor, label) pair (token ids for "
+                                  "a causal LM: task='causal_lm')")
         sample = first_sample(g.val) if g.val is not None else None
         where = "val_data[0]"
         if sample is None:
@@ -89,10 +138,15 @@ class ClassifierKind:
                 raise ConfigError(f"the teacher has {out.shape[1]} outputs, the model {classes}")
             classes = int(out.shape[1])
         label = sample[1]
-        label = int(label) if isinstance(label, torch.Tensor) and label.numel() == 1 else label
+        if isinstance(label, torch.Tensor):  # a 0-d integer tensor is an int label; 1.0, True, [3] are not
+            label = (int(label) if label.dim() == 0 and not (label.dtype == torch.bool
+                                                              or label.dtype.is_floating_point
+                                                              or label.dtype.is_complex) else label)
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes:
             raise ConfigError(f"{where}'s label is {sample[1]!r}: labels must be integers in [0, {classes}) "
                               f"(the model has {classes} outputs)")
+        for what, data in (("train_data", g.train), ("val_data", g.val)):
+            _check_all_labels(data, classes, what)
         return classes, type(g.model).__name__, convnet
 
     def make_task(self, trainer, teacher, fmt) -> Task:
@@ -108,6 +162,10 @@ class ClassifierKind:
                                    base=trainer.base)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+
+    def check_batch(self, trainer, batch) -> None:
+        """This step's labels, before the forward (see ``Trainer._check_batch_labels``)."""
+        trainer._check_batch_labels(batch[1])
 
     def inputs(self, batch, dev, channels_last: bool) -> tuple:
         x, y = batch
@@ -133,12 +191,16 @@ class ClassifierKind:
     def validate(self, trainer) -> dict:
         if trainer.val_loader is None:
             return {}
-        clean = evaluate_robustness(trainer.base, trainer.val_loader, [0.0], 1, **trainer._eval_kwargs())
-        out = {"val_top1": clean.mean[0]}
-        draws, eta = trainer.cfg["eval"]["epoch_draws"], trainer.spec.eta
-        if draws > 0 and eta > 0:
-            r = evaluate_robustness(trainer.base, trainer.val_loader, [eta], draws, **trainer._eval_kwargs())
-            out["val_top1_noisy"] = r.mean[0]
+        try:
+            clean = evaluate_robustness(trainer.base, trainer.val_loader, [0.0], 1, **trainer._eval_kwargs())
+            out = {"val_top1": clean.mean[0]}
+            draws, eta = trainer.cfg["eval"]["epoch_draws"], trainer.spec.eta
+            if draws > 0 and eta > 0:
+                r = evaluate_robustness(trainer.base, trainer.val_loader, [eta], draws,
+                                        **trainer._eval_kwargs())
+                out["val_top1_noisy"] = r.mean[0]
+        except TargetError as e:
+            raise ConfigError(f"the validation data: {e}") from None
         return out
 
     def score(self, row: dict) -> Optional[float]:

@@ -321,6 +321,9 @@ class CausalLMKind:
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
+    def check_batch(self, trainer, batch) -> None:
+        """Token batches are checked as they are made (:func:`fastnoise.lm.as_batch`)."""
+
     def inputs(self, batch, dev, channels_last: bool) -> tuple:
         return (lm.as_batch(batch, dev),)
 

@@ -59,6 +59,7 @@ from ..convert import convert, noisy_layers
 from ..robustness import RobustnessResult, evaluate_robustness, plot_results
 from ..spec import NoiseSpec
 from . import checkpoint as ckpt
+from . import runfolder as rf
 from .data import build_data, eval_loader
 from .models import CLASSIFIER, CONVNETS, build_model
 from .recipes import ConfigError, resolve, validate
@@ -293,8 +294,14 @@ def _check_out(out: str, settings: dict, resume: bool, python: bool = False) -> 
     if not resume:
         raise ConfigError(f"study folder {out!r} already exists; pass {again} to continue it or "
                           f"choose {another}")
-    with open(marker) as f:
-        saved = json.load(f)
+    try:
+        with open(marker) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{marker} cannot be read ({rf.first_line(e)}): the study's settings are lost; "
+                          f"choose {another}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{marker} holds no settings (a {type(saved).__name__}); choose {another}")
     now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
     for key in ("version", "seeds", "etas", "draws", "methods", "config", "hardware"):
         if saved.get(key) != now.get(key):
@@ -302,6 +309,11 @@ def _check_out(out: str, settings: dict, resume: bool, python: bool = False) -> 
                               f"({MARKER} has {saved.get(key)!r}, now {now.get(key)!r})")
     if "given" in saved and "given" in now:  # fit_study: the same model, teacher and data
         _check_given(out, saved["given"], now["given"])
+
+
+def _write_marker(out: str, settings: dict) -> None:
+    """``OUT/study.json``, atomically (rewritten at every start: a kill leaves the old one whole)."""
+    rf.write_text(os.path.join(out, MARKER), json.dumps(settings, indent=1))
 
 
 def _state_layout(module: torch.nn.Module) -> list:
@@ -432,11 +444,9 @@ def _measure(study: StudyResult, load: Callable, loader, dtype, dev, progress: b
                                            device=dev, autocast_dtype=dtype, name=f"{name} seed {s}",
                                            progress=progress, channels_last=cl, task=task, **on)
                 result.name = name
-                with open(cache + ".tmp", "w") as f:
-                    json.dump({"etas": result.etas, "accuracies": result.accuracies,
-                               "scale": result.scale, "samples": result.samples,
-                               "extra": result.extra, "metric": result.metric}, f)
-                os.replace(cache + ".tmp", cache)
+                rf.write_text(cache, json.dumps({"etas": result.etas, "accuracies": result.accuracies,
+                                                 "scale": result.scale, "samples": result.samples,
+                                                 "extra": result.extra, "metric": result.metric}))
             study.results[(name, s)] = result
         step(f"evaluated seed {s}")
 
@@ -483,8 +493,7 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
     data = build_data(cfg)  # checked before anything is written (the Trainers check it again)
 
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, MARKER), "w") as f:
-        json.dump(settings, f, indent=1)
+    _write_marker(out, settings)
     os.makedirs(os.path.join(out, "evals"), exist_ok=True)
 
     quiet_eval = {"etas": [], "epoch_draws": cfg["eval"]["epoch_draws"], "draws": cfg["eval"]["draws"]}
@@ -572,14 +581,13 @@ def _finish(study: StudyResult, header: str, cfg: dict, out: str, log) -> StudyR
             f"seed; {study.chip.draws} chips per seed): top-1 (%) at t seconds after programming",
             axis="t (s)")
         _write_chip_outputs(study.chip, cfg, hw)
-    with open(os.path.join(out, "tables.md"), "w") as f:
-        f.write(study.tables + "\n")
+    rf.write_text(os.path.join(out, "tables.md"), study.tables + "\n")
     log(study.tables)
     return study
 
 
 def _write_outputs(study: StudyResult, cfg: dict, csv_path: str) -> None:
-    with open(csv_path + ".tmp", "w", newline="") as f:
+    with rf.atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "seed", "chips", "eta", "draw", "perplexity" if _metric(study) == "perplexity"
                     else "top1"])
@@ -587,12 +595,11 @@ def _write_outputs(study: StudyResult, cfg: dict, csv_path: str) -> None:
             for e, accs in zip(r.etas, r.accuracies, strict=True):
                 for k, a in enumerate(accs):
                     w.writerow([name, s, s, e, k if e > 0 else "", a])
-    os.replace(csv_path + ".tmp", csv_path)
     pooled = {m: RobustnessResult(study.etas, [study.values(m, i) for i in range(len(study.etas))], name=m,
                                   scale=cfg["noise"]["scale"], metric=_metric(study)) for m in study.models}
-    plot_results(pooled, os.path.join(study.out, "robustness.png"),
-                 title=f"{cfg['name']}: trained at eta={cfg['noise']['eta']:g}, "
-                       f"{len(study.seeds)} seeds x {study.draws} chips")
+    with rf.atomic_path(os.path.join(study.out, "robustness.png")) as tmp:
+        plot_results(pooled, tmp, title=f"{cfg['name']}: trained at eta={cfg['noise']['eta']:g}, "
+                                        f"{len(study.seeds)} seeds x {study.draws} chips")
 
 
 def _check_chip(hardware, times, flag: str):
@@ -617,19 +624,19 @@ def _check_chip(hardware, times, flag: str):
 
 
 def _write_chip_outputs(study: StudyResult, cfg: dict, hw: str) -> None:
-    path = os.path.join(study.out, "chip_accuracies.csv")
-    with open(path + ".tmp", "w", newline="") as f:
+    with rf.atomic_path(os.path.join(study.out, "chip_accuracies.csv")) as tmp, \
+            open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "seed", "chips", "t", "draw", "top1"])
         for (name, s), r in study.results.items():
             for t, accs in zip(r.etas, r.accuracies, strict=True):
                 for k, a in enumerate(accs):
                     w.writerow([name, s, s, t, k, a])
-    os.replace(path + ".tmp", path)
     pooled = {m: RobustnessResult(study.etas, [study.values(m, i) for i in range(len(study.etas))], name=m,
                                   extra={"axis": "t", "hardware": hw}) for m in study.models}
-    plot_results(pooled, os.path.join(study.out, "chip.png"),
-                 title=f"{cfg['name']} on {hw} chips: {len(study.seeds)} seeds x {study.draws} chips")
+    with rf.atomic_path(os.path.join(study.out, "chip.png")) as tmp:
+        plot_results(pooled, tmp, title=f"{cfg['name']} on {hw} chips: {len(study.seeds)} seeds x "
+                                        f"{study.draws} chips")
 
 
 # ----------------------------------------------------------------------------- the user's models
@@ -750,8 +757,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
             task=task, **kw, **run_settings)
 
     os.makedirs(os.path.join(out, "evals"), exist_ok=True)
-    with open(os.path.join(out, MARKER), "w") as f:
-        json.dump(study_settings, f, indent=1)
+    _write_marker(out, study_settings)
     if teacher is None:
         teacher_dir = os.path.join(out, "teacher")
         messages(f"[study] clean teacher: {teacher_epochs} epochs in {teacher_dir}")

@@ -58,7 +58,14 @@ from torch import nn
 from .. import rng
 from ..convert import clip_weights, convert, load_noise_state_dict, noise_state_dict, noisy_layers
 from ..progress import progress_bar
-from ..robustness import RobustnessResult, evaluate_robustness
+from ..robustness import (
+    RobustnessResult,
+    TargetError,
+    check_targets,
+    evaluate_robustness,
+    first_bad_target,
+    target_range_error,
+)
 from ..spec import NoiseSpec
 from . import checkpoint as ckpt
 from . import distributed
@@ -222,6 +229,18 @@ def teacher_config(cfg: dict) -> dict:
     return t
 
 
+def _logged_rows(path: str, keys: tuple) -> list[tuple]:
+    """The int ``keys`` columns of a log's rows that have them (none if there is no such file)."""
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, newline="", errors="replace") as f:
+        for row in csv.DictReader(f):
+            with contextlib.suppress(TypeError, ValueError):
+                out.append(tuple(int(row.get(k)) for k in keys))
+    return out
+
+
 class Trainer:
     """One training run; see the module docstring for what it writes.
 
@@ -303,6 +322,8 @@ class Trainer:
                 raise ConfigError(f"cannot resume {self.out!r} with other settings: {key} is {was!r} in its "
                                   f"{where}, {now!r} now")
             ck = saved.checkpoint
+            if ck is None:
+                self._check_never_checkpointed(saved.config)
             if ck is not None and self.stop_at_step is not None and self.stop_at_step <= ck["global_step"]:
                 raise ConfigError(f"{self._arg('stop_at_step')} {self.stop_at_step} is not after the "
                                   f"checkpoint's step {ck['global_step']} in {self.out!r}")
@@ -310,6 +331,25 @@ class Trainer:
         elif entries and not self.overwrite:
             raise ConfigError(f"run folder {self.out!r} already exists; pass {self._arg('resume')} to "
                               f"continue it or {self._arg('overwrite')} to replace it")
+
+    def _check_never_checkpointed(self, cfg: dict) -> None:
+        """A resume without last.pt starts from step 0: refused if the logs show that the run went
+        past a checkpoint (its last.pt was then lost, and step 0 would silently redo and cut its
+        logs). Checkpoints come after the step's log row and after an epoch's metrics row, so a
+        step logged after one is the proof: a step of the second epoch or later, a second epoch
+        in metrics.csv, or a step past ``checkpoint.every_steps``."""
+        steps = _logged_rows(self._path("steps.csv"), ("step", "epoch"))
+        epochs = _logged_rows(self._path("metrics.csv"), ("epoch",))
+        ck_every = cfg["checkpoint"]["every_steps"]
+        proof = None
+        if any(epoch >= 1 for _, epoch in steps) or len(epochs) >= 2:
+            proof = "its logs show a finished epoch followed by more training"
+        elif ck_every and any(step > ck_every for step, _ in steps):
+            last = max(step for step, _ in steps)
+            proof = f"steps.csv logs step {last}, past the checkpoint at step {ck_every}"
+        if proof is not None:
+            raise ConfigError(f"cannot resume {self.out!r}: {self._path('last.pt')} is missing, but {proof}; "
+                              "restore last.pt, or start again with --overwrite")
 
     def _clear_run_folder(self) -> None:
         """``--overwrite``: last.pt first (a kill part way leaves nothing to resume from), the
@@ -325,6 +365,14 @@ class Trainer:
             if os.path.isfile(self._path(name)):
                 rf.fault("delete", self._path(name))
                 os.remove(self._path(name))
+        # the replaced run's `fastnoise eval --run` tables (OUT/eval) describe a model that is gone
+        edir = self._path("eval")
+        if os.path.isdir(edir):
+            gone = self._path(f".eval.tmp-{os.getpid()}")
+            os.replace(edir, gone)
+            rf.fsync_dir(self.out)
+            rf.fault("delete", edir)
+            shutil.rmtree(gone)
 
     def _raise_from_main(self, err: Optional[Exception]) -> None:
         """Raise rank 0's error on every rank (rank 0 alone writes; the others would wait)."""
@@ -422,6 +470,11 @@ class Trainer:
                               f"(some names it has: {known})")
         if g.val is not None and _size(g.val) == 0:
             raise ConfigError("val_data has no samples")
+        params = list(g.model.parameters())
+        if not any(p.requires_grad for p in params):
+            why = (f"all {len(params)} of its parameter tensors are frozen (requires_grad=False)" if params
+                   else "it has no parameters")
+            raise ConfigError(f"the model has nothing to train: {why}")
         return self.kind.check_given(self)  # the data, and the model (and teacher) on them
 
     def _check_teacher_settings(self) -> None:
@@ -658,8 +711,39 @@ class Trainer:
             "metrics": self.metrics,
         }
 
-    def _diverged(self, what: str) -> rf.DivergedError:
-        """The error of a run whose loss or weights became non-finite, naming the likely cause."""
+    def _nonfinite_input(self, since: int) -> Optional[str]:
+        """The first training sample of this epoch's steps ``since + 1 ..`` now whose input is not
+        finite (read again from the data, on the failure path only; at most the last
+        ``log.every`` steps, those since the loss was last seen finite), or None."""
+        if self._loader_given or not isinstance(self.sampler, EpochBatchSampler):
+            return None
+        since = max(since, self.step_in_epoch - self.cfg["log"]["every"])
+        samples = self.train_loader.dataset
+        self.sampler.set_epoch(self.epoch, since)
+        for k, batch in enumerate(self.sampler):
+            step = since + k + 1
+            if step > self.step_in_epoch:
+                break
+            for pos, item in enumerate(batch):
+                sample = samples[item]
+                x = sample[0] if isinstance(sample, (tuple, list)) and sample else None
+                if not isinstance(x, torch.Tensor) or not x.is_floating_point() or bool(x.isfinite().all()):
+                    continue
+                kind = "nan" if bool(torch.isnan(x).any()) else "inf"
+                at = self.global_step - self.step_in_epoch + step
+                return (f"the training data are not finite: sample {item[0]} (position {pos} of the batch of "
+                        f"step {at}, epoch {self.epoch + 1}) holds {kind}")
+        return None
+
+    def _diverged(self, what: str, since: Optional[int] = None) -> Exception:
+        """The error of a run whose loss or weights became non-finite, naming the likely cause:
+        non-finite training inputs (a ConfigError naming the sample) when the steps since the loss
+        was last seen finite (``since``, a step of this epoch) read one."""
+        if since is not None:
+            bad = self._nonfinite_input(since)
+            if bad is not None:
+                return ConfigError(f"training stopped at step {self.global_step}: {what}, because {bad}; "
+                                   "clean or drop those samples")
         n, o = self.cfg["noise"], self.cfg["optim"]
         eta = f"noise.eta={n['eta']:g} ({n['scale']} scale)"
         lr = f"optim.lr={o['lr']:g}"
@@ -828,7 +912,24 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ training
+    def _check_batch_labels(self, y) -> None:
+        """The labels of this step's batch, before the forward (torch's own errors come after the
+        run folder is written and name no sample): on the CPU, where the loader gives them, one
+        aminmax of a batch of ints."""
+        where = f"the training batch of step {self.global_step + 1} (epoch {self.epoch + 1})"
+        n = len(y) if isinstance(y, torch.Tensor) and y.dim() else 0
+        try:
+            check_targets(y, n, where)
+        except TargetError as e:
+            raise ConfigError(str(e)) from None
+        if n and y.device.type == "cpu" and self.num_classes is not None:
+            lo, hi = torch.aminmax(y)
+            if int(lo) < 0 or int(hi) >= self.num_classes:
+                raise ConfigError(target_range_error(y, first_bad_target(y, self.num_classes),
+                                                     self.num_classes, where))
+
     def _step(self, batch) -> dict:
+        self.kind.check_batch(self, batch)
         dev = self.dist.device
         inputs = self.kind.inputs(batch, dev, self._channels_last())
         amp = (torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype is not None
@@ -908,6 +1009,7 @@ class Trainer:
                 self.base.train()
                 self.task.train()
                 self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+                checked = self.step_in_epoch
                 for batch in self.train_loader:
                     out = self._step(batch)
                     self.step_in_epoch += 1
@@ -923,7 +1025,8 @@ class Trainer:
                         if bar is not None:
                             bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch + 1)
                         if not math.isfinite(loss):
-                            raise self._diverged(f"the loss is {loss}")
+                            raise self._diverged(f"the loss is {loss}", checked)
+                        checked = self.step_in_epoch  # the loss was finite up to here
                     if bar is not None:
                         bar.update(1)
                     # a DataLoader stops at the epoch's end, after the epoch is recorded (below)
@@ -933,7 +1036,7 @@ class Trainer:
                         self._save()
                 row = self._epoch_row(time.perf_counter() - t0)
                 if not math.isfinite(row["train_loss"]):
-                    raise self._diverged(f"the epoch's mean loss is {row['train_loss']}")
+                    raise self._diverged(f"the epoch's mean loss is {row['train_loss']}", 0)
                 self._check_finite()
                 self.epoch += 1
                 self.step_in_epoch = 0
