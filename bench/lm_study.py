@@ -7,6 +7,11 @@ over the same simulated chips (``fastnoise.train.fit_study``); the tables go to 
 ``OUT/tables.md``.
 
     python bench/lm_study.py [OUT] [--seeds 0 1 2] [--epochs 2]
+    python bench/lm_study.py OUT2 --teacher-weights OUT/teacher/model.pth --epochs 1
+
+By default the students start from fresh weights (the builder, under each seed) and a clean
+teacher is trained first (``--teacher-epochs``); with ``--teacher-weights`` (a ``model.pth`` of a
+clean teacher) every student starts from that teacher, as in Noisy Machines.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=6)
     p.add_argument("--eta", type=float, default=0.1)
     p.add_argument("--draws", type=int, default=4)
+    p.add_argument("--teacher-weights", default=None,
+                   help="a clean teacher's model.pth: every student starts from it")
     a = p.parse_args()
     transformers.utils.logging.set_verbosity_error()
     train, val = license_sequences()
@@ -56,8 +63,13 @@ def main() -> None:
     def build():
         return transformers.LlamaForCausalLM(cfg)
 
+    start, teacher, teacher_epochs = build, None, a.teacher_epochs
+    if a.teacher_weights is not None:
+        teacher = build()
+        teacher.load_state_dict(torch.load(a.teacher_weights, weights_only=True))
+        start, teacher_epochs = teacher, 0
     t0 = time.time()
-    study = fit_study(build, train, val, teacher_epochs=a.teacher_epochs, seeds=a.seeds,
+    study = fit_study(start, train, val, teacher=teacher, teacher_epochs=teacher_epochs, seeds=a.seeds,
                       methods=("noise", "kd", "consistency"), spec=NoiseSpec(eta=a.eta),
                       method={"temperature": 2.0, "alpha": 0.5,
                               "layers": ["model.layers.0", "model.layers.1"]},

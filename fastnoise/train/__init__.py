@@ -1,4 +1,5 @@
-"""The training layer: fit, losses, tasks, models, data, recipes, trainer, checkpoints, DDP.
+"""The training layer: fit, losses, tasks (classifiers and causal LMs), models, data, recipes,
+trainer, checkpoints, DDP.
 
 Imported lazily (``fastnoise.train.kd_loss`` loads :mod:`fastnoise.train.losses` on first use),
 so ``import fastnoise`` stays light.
@@ -15,6 +16,11 @@ _EXPORTS = {
     "DistillationTask": "tasks",
     "ConsistencyTask": "tasks",
     "FrozenTeacher": "tasks",
+    "CausalLMTask": "lm",
+    "LMDistillationTask": "lm",
+    "LMConsistencyTask": "lm",
+    "FrozenLMTeacher": "lm",
+    "token_kd_loss": "losses",
     "build_model": "models",
     "fit": "fitting",
     "Trainer": "trainer",
