@@ -69,6 +69,7 @@ def test_moments(big_sample):
     assert abs(stats.kurtosis(z)) < 6 * np.sqrt(24 / n)
 
 
+@pytest.mark.slow
 def test_tail_mass(big_sample):
     """16-bit radii: the tails still carry N(0, 1)'s mass (binomial 6-sigma bounds)."""
     n = big_sample.size

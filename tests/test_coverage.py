@@ -184,7 +184,7 @@ def _assert_reached_by_noisy_ops(model, inputs, names):
 # the quick subset (-m "not slow") keeps the small modules; these run two forwards per weight of
 # a whole network (resnet18 is the file's longest test)
 SLOW_MODELS = ("resnet18", "mobilenet_v3_small", "vit (vit_b_16's class)", "swin (swin_t's class)", "gpt2",
-               "bert", "llama")
+               "bert", "llama", "LSTM")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_MODELS else n

@@ -77,7 +77,9 @@ def _finish(child: subprocess.Popen) -> tuple[str, list[str]]:
     return out.strip(), [ln for ln in err.splitlines() if ln.startswith("fastnoise:")]
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
+# the quick subset (-m "not slow") keeps the truncated library, the case that crashed
+@pytest.mark.parametrize("damage", [d if d == "truncated" else pytest.param(d, marks=pytest.mark.slow)
+                                    for d in DAMAGE])
 def test_a_damaged_library_is_rebuilt_not_loaded(tmp_path, damage):
     root, library = _cache_copy(tmp_path)
     DAMAGE[damage](library)
@@ -119,6 +121,7 @@ def test_the_check_refuses_a_manifest_that_does_not_match(tmp_path, case):
     assert reason in _cpu._check_library(library)
 
 
+@pytest.mark.slow
 def test_two_processes_on_a_damaged_cache_rebuild_it_once(tmp_path):
     root, library = _cache_copy(tmp_path)
     DAMAGE["truncated"](library)

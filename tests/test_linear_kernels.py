@@ -373,6 +373,7 @@ def _gpu_linear():
     return mod
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_gpu_linear_quick_run(tmp_path):
     """bench/gpu_linear.run's logic at tiny sizes: every correctness row passes, timings are there."""
