@@ -1,7 +1,9 @@
 """Packaging: maps the top-level ``kernels/`` folder to ``fastnoise.kernels`` and builds an
 optional CUDA extension from ``csrc/*.cu`` / ``csrc/*.cpp`` (top level; none today) when a
 compiler and CUDA are present. The C++ CPU kernels in ``csrc/ops/`` are not built here (pip's
-isolated build has no torch): ``fastnoise/_cpu.py`` builds them with ninja on first use.
+isolated build has no torch, and a library built against another torch breaks at import): their
+sources are installed as package data, ``fastnoise/_csrc/`` (``MANIFEST.in`` puts them into the
+sdist), and ``fastnoise/_cpu.py`` builds them with ninja on first use (``csrc/README.md``).
 
 The extension is optional: with no compiler, no CUDA or ``FASTNOISE_NO_EXT=1`` the package
 installs and works (Triton and PyTorch paths).
@@ -31,8 +33,9 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=find_packages(include=["fastnoise", "fastnoise.*"]) + ["fastnoise.kernels"],
-    package_dir={"fastnoise.kernels": "kernels"},
+    packages=find_packages(include=["fastnoise", "fastnoise.*"]) + ["fastnoise.kernels", "fastnoise._csrc"],
+    package_dir={"fastnoise.kernels": "kernels", "fastnoise._csrc": "csrc"},
+    package_data={"fastnoise._csrc": ["README.md", "ops/*.cpp", "ops/*.h", "ops/cpu/*.cpp", "ops/cpu/*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = ["teacher", "clean", "noise", "kd", "consistency"]
 
 
+@pytest.mark.slow
 def test_demo_reduced_budget(tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--device", "cpu", "--out", out, "--epochs", "2", "--teacher-epochs", "4",
@@ -50,6 +51,7 @@ def test_demo_reduced_budget(tmp_path, capsys):
     assert {r["name"] for r in rows} == {"teacher", "noise"}
 
 
+@pytest.mark.slow
 def test_demo_is_deterministic(tmp_path, capsys):
     args = ["--device", "cpu", "--epochs", "1", "--teacher-epochs", "1", "--draws", "2", "--methods", "kd",
             "--no-progress"]

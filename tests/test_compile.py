@@ -16,6 +16,8 @@ import fastnoise
 from fastnoise import NoiseSpec
 from fastnoise.functional import noisy_linear
 
+pytestmark = pytest.mark.slow
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOL = {"rtol": 1e-5, "atol": 1e-5}

@@ -70,6 +70,14 @@ FUSED_CASES = [
          bias="none", scale="absmax", dtype=F16, channels_last=True),
 ]
 GENERATE_CASES = [FUSED_CASES[i] for i in (0, 2, 6, 9)]
+# the quick subset (-m "not slow") keeps the cheapest fused case: under the Triton
+# interpreter the others take 3 to 9 times as long
+QUICK_FUSED = ("1x1-s2-cin37-nobias-proportional-f32",)
+SLOW = pytest.mark.slow
+
+
+def _fused_params():
+    return [c if c.name in QUICK_FUSED else pytest.param(c, marks=SLOW) for c in FUSED_CASES]
 
 
 def _inputs(case: Case, weight_dtype=None, batch=2):
@@ -135,7 +143,7 @@ def _run(case: Case, path: str, backward_path=None, autocast=False, batch=2):
     return got
 
 
-@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", _fused_params(), ids=lambda c: c.name)
 def test_fused_matches_reference(case):
     _run(case, "fused")
 
@@ -145,6 +153,7 @@ def test_generate_matches_reference(case):
     _run(case, "generate")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", [1, 3], ids=["nosplit", "split3"])
 def test_fused_split_k(split, monkeypatch):
     monkeypatch.setattr(noisy_conv, "_pick_split_k", lambda *a: split)
@@ -152,15 +161,15 @@ def test_fused_split_k(split, monkeypatch):
               bias="noise", scale="absmax_per_channel", channels_last=True), "fused")
 
 
-@pytest.mark.parametrize("path", ["fused", "generate"])
+@pytest.mark.parametrize("path", [pytest.param("fused", marks=SLOW), "generate"])
 def test_autocast_rounds_the_noisy_weight_once(path):
     """float32 weights, bfloat16 compute: W + sigma z is rounded to bf16 once, as the reference."""
     _run(Case("3x3-autocast-bf16-cl", 5, 7, (9, 11), (3, 3), padding=(1, 1), bias="noise",
               dtype=BF16, channels_last=True), path, autocast=True)
 
 
-@pytest.mark.parametrize("fwd,bwd", [("fused", "generate"), ("generate", "reference"),
-                                     ("reference", "generate")])
+@pytest.mark.parametrize("fwd,bwd", [pytest.param("fused", "generate", marks=SLOW),
+                                     ("generate", "reference"), ("reference", "generate")])
 def test_backward_sees_the_forward_noise(fwd, bwd):
     """Without bias y is linear in x, so <g, y> = <dx, x> holds only if the backward's noisy
     weight is the forward's (same seed, same offset, any pair of paths)."""
@@ -179,7 +188,7 @@ def test_backward_sees_the_forward_noise(fwd, bwd):
     assert abs((g.double() * y2.double()).sum().item() - rhs) > 1e-3 * max(1.0, abs(lhs))
 
 
-@pytest.mark.parametrize("path", ["fused", "generate"])
+@pytest.mark.parametrize("path", [pytest.param("fused", marks=SLOW), "generate"])
 def test_grad_weight_alone(path):
     """Input without grad (a first layer): the backward builds no noisy weight, dW is still right."""
     case = FUSED_CASES[2]
@@ -196,6 +205,7 @@ def test_grad_weight_alone(path):
     assert_close_to_reference(dw, same, up, name="grad weight")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("case", [FUSED_CASES[1], FUSED_CASES[8]], ids=lambda c: c.name)
 def test_fused_kernel_writes_every_output_element(case, layout):
@@ -217,6 +227,7 @@ def test_fused_kernel_writes_every_output_element(case, layout):
         out.fill_(float("nan"))
 
 
+@pytest.mark.slow
 def test_same_padding_with_an_even_kernel():
     """padding='same' with a 4x4 kernel pads the input asymmetrically before the kernel."""
     x = torch.randn(1, 3, 9, 8, device=DEVICE)
@@ -297,6 +308,7 @@ def _gpu_conv():
     return mod
 
 
+@pytest.mark.slow
 def test_resnet50_conv_shapes_match_torchvision():
     """The 53 conv shapes the GPU tests and benchmarks use are those of torchvision's ResNet-50."""
     torchvision = pytest.importorskip("torchvision")
@@ -317,6 +329,7 @@ def test_resnet50_conv_shapes_match_torchvision():
     assert len(gpu_conv.distinct_shapes(shapes)) < 53
 
 
+@pytest.mark.slow
 def test_gpu_conv_quick_run_on_cpu(tmp_path):
     """bench/gpu_conv.run's logic at tiny sizes: every correctness row passes, timings are there."""
     rows = _gpu_conv().run(str(tmp_path), quick=True)
@@ -349,7 +362,8 @@ LAYOUTS = {"nchw": (False, False), "cl-input": (True, False), "cl-weight": (Fals
 
 
 @pytest.mark.parametrize("layout,path", [("nchw", "reference"), ("cl-input", "reference"),
-                                         ("cl-weight", "reference"), ("cl-input", "fused")])
+                                         ("cl-weight", "reference"),
+                                         pytest.param("cl-input", "fused", marks=SLOW)])
 def test_fake_kernels_give_the_real_layouts(layout, path):
     """torch.compile trusts the ops' fake kernels for strides: forward and backward ops must
     report the layouts the real ones produce (channels_last in, channels_last out)."""

@@ -142,6 +142,7 @@ def resnet50_pair():
     return ref, model
 
 
+@pytest.mark.slow
 def test_convert_resnet50(resnet50_pair):
     ref, model = resnet50_pair
     out = fastnoise.convert(model, NoiseSpec(0.06))

@@ -58,6 +58,7 @@ def big_sample():
     return rng.normal_grid(123456789, 0, 1024, N_STATS // 1024).double().flatten().numpy()
 
 
+@pytest.mark.slow
 def test_moments(big_sample):
     z, n = big_sample, big_sample.size
     assert n >= 1_000_000
@@ -68,6 +69,7 @@ def test_moments(big_sample):
     assert abs(stats.kurtosis(z)) < 6 * np.sqrt(24 / n)
 
 
+@pytest.mark.slow
 def test_tail_mass(big_sample):
     """16-bit radii: the tails still carry N(0, 1)'s mass (binomial 6-sigma bounds)."""
     n = big_sample.size
@@ -77,6 +79,7 @@ def test_tail_mass(big_sample):
         assert abs(count - n * p) < 6 * np.sqrt(n * p * (1 - p)) + 1, (t, count, n * p)
 
 
+@pytest.mark.slow
 def test_kolmogorov_smirnov(big_sample):
     assert stats.kstest(big_sample, "norm").pvalue > 1e-3
     # and a handful of other seeds, smaller samples
@@ -89,6 +92,7 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
 
 
+@pytest.mark.slow
 def test_no_correlation_between_neighbours():
     z = rng.normal_grid(99, 0, 512, 1024)
     bound = 6 / np.sqrt(z.numel())

@@ -181,7 +181,14 @@ def _assert_reached_by_noisy_ops(model, inputs, names):
         assert noisy, f"{n} reaches no fastnoise op (its uses: {dict(ops)})"
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+# the quick subset (-m "not slow") keeps the small modules; these run two forwards per weight of
+# a whole network (resnet18 is the file's longest test)
+SLOW_MODELS = ("resnet18", "mobilenet_v3_small", "vit (vit_b_16's class)", "swin (swin_t's class)", "gpt2",
+               "bert", "llama", "LSTM")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_MODELS else n
+                                  for n in MODELS])
 def test_every_matmul_weight_draws_noise(name):
     model, inputs = _build(name)
     oracle = matmul_operands(weight_consumers(model, _forward, model, inputs))
@@ -219,6 +226,7 @@ def test_only_one_weight_noisy_through_exclude():
         assert not torch.equal(_forward(m, inputs), _forward(m, inputs)), target
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("builder", ["vit_b_16", "swin_t"])
 def test_full_size_models_every_weight_reached(builder):
     torch.manual_seed(0)

@@ -417,6 +417,7 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
     assert not _cpu.available() and "no input files" in _cpu.why_unavailable()
 
 
+@pytest.mark.slow
 def test_fastnoise_no_ext_runs_the_reference_with_one_warning():
     code = (
         "import warnings, torch, fastnoise\n"

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(__file__).with_name("_compile_kernels.py")
 MODULES = ("noise_gen", "noisy_matmul", "noisy_conv")
 # the (parameter -> compute dtype, mode) pairs every kernel must be compiled for

@@ -78,10 +78,16 @@ def check_against_reference(x, w, b, spec, path, backward_path=None, autocast=No
 
 
 # ----------------------------------------------------------------------------- the matrix
+def _matrix():
+    """path x dtype x scale; the quick subset (-m "not slow") keeps the cheapest case (the Triton
+    interpreter makes each of them one of the suite's longer tests)."""
+    return [pytest.param(p, d, s, id=f"{p}-{DTYPE_IDS[d]}-{s}",
+                         marks=() if (p, d, s) == ("fused", F32, "proportional") else pytest.mark.slow)
+            for p in ("fused", "generate") for d in (F32, BF16, F16) for s in MODE_SCALES]
+
+
 @needs_kernels
-@pytest.mark.parametrize("scale", MODE_SCALES)
-@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("path", ["fused", "generate"])
+@pytest.mark.parametrize("path,dtype,scale", _matrix())
 def test_paths_match_reference(path, dtype, scale):
     """[2, 35, 150] -> 131 with a noisy bias (partial tiles; two along M in the interpreter's
     config; several along N and K in the odd-shape and launcher tests)."""
@@ -89,6 +95,7 @@ def test_paths_match_reference(path, dtype, scale):
     check_against_reference(x, w, b, NoiseSpec(0.1, scale, noise_bias=True), path)
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize("bias", ["none", "plain"])
 @pytest.mark.parametrize("path", ["fused", "generate"])
@@ -97,6 +104,7 @@ def test_bias_variants(path, bias):
     check_against_reference(x, w, b, NoiseSpec(0.2, "absmax"), path)
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_odd_shape_3x41x401_to_1271():
     x, w, b = _inputs((3, 41), 401, 1271, BF16)
@@ -114,6 +122,7 @@ def _layouts(k):
     }
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize("layout", ["4d", "transposed", "sliced", "permuted"])
 @pytest.mark.parametrize("path", ["fused", "generate"])
@@ -143,6 +152,7 @@ def test_rows_view_copies_only_when_it_must():
     assert not shares(v, layouts["permuted"])
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("split", [1, 3])
@@ -167,6 +177,7 @@ def test_launchers_write_every_element(split, dtype):
     assert_close_to_reference(dx, want, up, name="grad input")
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize("fwd,bwd", [("fused", "generate"), ("generate", "fused")])
 def test_forward_by_one_path_backward_by_the_other(fwd, bwd):
@@ -179,6 +190,7 @@ def test_forward_by_one_path_backward_by_the_other(fwd, bwd):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize("path", ["fused", "generate"])
 def test_autocast_bf16_with_fp32_weights(path):
@@ -209,6 +221,7 @@ def test_nothing_weight_sized_saved_for_backward(path):
     assert w.grad is not None
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize("path", ["fused", "generate"])
 def test_partial_gradients(path):
@@ -263,6 +276,7 @@ def extract_noise(n, k, device, split_k=None):
     return fwd.t(), bwd
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_extracted_noise_is_the_contract():
     """The kernel's z equals ``rng.normal_grid`` (float32 vs float64 math: ~1e-6)."""
@@ -359,6 +373,7 @@ def _gpu_linear():
     return mod
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_gpu_linear_quick_run(tmp_path):
     """bench/gpu_linear.run's logic at tiny sizes: every correctness row passes, timings are there."""

@@ -148,6 +148,7 @@ _CHILD = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pickle", "state_dict"])
 def test_saved_model_draws_the_same_noise_in_another_process(tmp_path, mode):
     torchvision = pytest.importorskip("torchvision")

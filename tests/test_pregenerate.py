@@ -39,6 +39,7 @@ def _sigma(t, spec):
     return spec.sigma(t if t.dim() > 1 else t.reshape(-1, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_multi_matches_single_launches_bit_for_bit(dtype, monkeypatch):
     monkeypatch.setattr(noise_gen, "_empty", lambda n, **k: torch.full((n,), float("nan"), **k))
@@ -134,6 +135,7 @@ def _forbid_own_paths(monkeypatch):
     monkeypatch.setattr(modules, "noisy_linear", boom)
 
 
+@pytest.mark.slow
 def test_draws_match_and_generate_once_per_draw(monkeypatch):
     model = _model().eval()
     x = _x()
@@ -155,6 +157,7 @@ def test_draws_match_and_generate_once_per_draw(monkeypatch):
     assert _counters(model) == [0, 0, 0, 0]  # draws do not advance the counters
 
 
+@pytest.mark.slow
 def test_training_counters_advance_the_same_way(monkeypatch):
     """Counter offsets: fresh noise per forward, counters as without pregeneration."""
     model = _model()
@@ -211,6 +214,7 @@ def test_a_layer_called_twice_uses_its_buffer_once():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_autocast_buffers_are_in_the_compute_dtype():
     model = _model().eval()
     with torch.inference_mode(), fastnoise.noise(draw=0), torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -253,6 +257,7 @@ def test_pregenerated_rejects_non_modules():
             pass
 
 
+@pytest.mark.slow
 def test_a_model_built_in_inference_mode_regenerates_every_forward(monkeypatch):
     """Inference tensors keep no version counter: the draw cache cannot trust them."""
     with torch.inference_mode():

@@ -193,6 +193,7 @@ def test_digits_split_is_fixed():
 
 
 # ----------------------------------------------------------------------------- models
+@pytest.mark.slow
 def test_resnet32_structure():
     m = build_model("resnet32", 10)
     convs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)]

@@ -136,6 +136,7 @@ def test_a_damaged_file_that_can_be_rebuilt_is_and_the_run_ends_as_if_untouched(
     assert_same_run(folder, runs[0])
 
 
+@pytest.mark.slow
 def test_lost_log_rows_are_reported_not_invented(runs, tmp_path, capsys):
     folder = _copy(runs[1], tmp_path)
     path = os.path.join(folder, "steps.csv")
@@ -235,6 +236,7 @@ def _image_folder(root, bad: dict):
         damage(os.path.join(root, rel))
 
 
+@pytest.mark.slow
 def test_a_corrupt_jpeg_is_named_and_can_be_skipped(tmp_path, capfd):
     """capfd: the warning comes from the DataLoader worker process, on file descriptor 2."""
     root = str(tmp_path / "images")
@@ -260,6 +262,7 @@ def test_a_corrupt_jpeg_is_named_and_can_be_skipped(tmp_path, capfd):
     assert os.path.isfile(os.path.join(out, "model.pth"))
 
 
+@pytest.mark.slow
 def test_resume_on_other_data_is_refused(tmp_path, capsys):
     """data.root may move on resume (it is where the data lives), not become other data."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

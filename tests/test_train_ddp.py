@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OVERRIDES = ["model.arch=digits_mlp", "model.init=null", "method.name=noise", "noise.eta=0.1",
              "data.batch_size=64", "schedule.epochs=1", "optim.name=sgd", "optim.lr=0.05",

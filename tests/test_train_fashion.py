@@ -151,6 +151,7 @@ def test_no_root_and_no_debian_package(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(D.FASHION_DEBIAN_ROOT),
                     reason=f"Fashion-MNIST is not installed at {D.FASHION_DEBIAN_ROOT} "
                            "(apt-get install dataset-fashion-mnist)")
@@ -183,6 +184,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", FASHION_RECIPES)
 def test_recipe_end_to_end_with_exact_resume(recipe, tmp_path):
     """Teacher trained first, augmentation on, stopped inside the second epoch and resumed:

@@ -20,7 +20,7 @@ from _fault_harness import FILES, RESUME, RUN, Runner, assert_same_run, read_byt
 from fastnoise.cli import main
 from fastnoise.train import runfolder as rf
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):

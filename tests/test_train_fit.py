@@ -51,6 +51,7 @@ def _weights(result):
     return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_resumes_exactly(tmp_path, method):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
@@ -77,6 +78,7 @@ def test_each_method_resumes_exactly(tmp_path, method):
             assert not any(x._forward_hooks for x in m.modules())
 
 
+@pytest.mark.slow
 def test_dropout_resumes_exactly_after_the_process_drew_on(tmp_path):
     """torch's RNG (dropout's masks) and the noise seed come back from the checkpoint: reseeded
     and drawn from in between, the resumed run is still the one that did not stop."""
@@ -93,6 +95,7 @@ def test_dropout_resumes_exactly_after_the_process_drew_on(tmp_path):
     assert not torch.equal(_weights(a)["head.weight"], _weights(c)["head.weight"])
 
 
+@pytest.mark.slow
 def test_resume_in_a_fresh_process(tmp_path):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     a = run(full, "kd")
@@ -150,6 +153,7 @@ def _loader_run(out, **kw):
                messages=lambda m: None, **settings)
 
 
+@pytest.mark.slow
 def test_a_dataloader_resumes_at_epoch_ends(tmp_path):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     a = _loader_run(full)
@@ -221,6 +225,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_what_one_does(tmp_path):
     one = run(str(tmp_path / "one"), "noise", epochs=1)
     two = str(tmp_path / "two")

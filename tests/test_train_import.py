@@ -167,6 +167,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_import_path_model_and_data_trained_end_to_end(tmp_path, user_module, capsys):
     recipe = _recipe(tmp_path, user_module)
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
@@ -189,6 +190,7 @@ def test_import_path_model_and_data_trained_end_to_end(tmp_path, user_module, ca
     assert _rows(os.path.join(full, "eval", "robustness.csv")) == _rows(os.path.join(full, "robustness.csv"))
 
 
+@pytest.mark.slow
 def test_augmented_user_dataset_resumes_exactly(tmp_path, user_module):
     recipe = _recipe(tmp_path, user_module)
     over = [f"data.dataset={user_module}:data_augmented", "method.name=noise", "--device", "cpu"]
@@ -200,6 +202,7 @@ def test_augmented_user_dataset_resumes_exactly(tmp_path, user_module):
     assert len(steps) == 12 and _rows(os.path.join(split, "steps.csv")) == steps
 
 
+@pytest.mark.slow
 def test_consistency_run_leaves_no_hooks(tmp_path, user_module):
     cfg = resolve(_recipe(tmp_path, user_module), ["method.name=consistency", "schedule.epochs=1"])
     trainer = Trainer(cfg, str(tmp_path / "run"), device="cpu")

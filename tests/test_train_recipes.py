@@ -18,7 +18,7 @@ import fastnoise
 from fastnoise.cli import main
 from fastnoise.train.models import build_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 QUICK = ["--no-progress", "schedule.epochs=1", "eval.etas=[0.0, 0.1]", "eval.draws=2", "eval.epoch_draws=1",

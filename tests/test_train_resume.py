@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow
 
 # KD with a teacher trained first (in RUN/teacher), 10 steps per epoch, 2 epochs; the stop at
 # step 13 falls inside the second epoch, so the resumed run must skip the consumed batches

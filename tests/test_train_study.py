@@ -43,6 +43,7 @@ def test_paired_difference_known_answer():
         S.paired_difference([[1.0], [2.0]], level=1.5)
 
 
+@pytest.mark.slow
 def test_interval_covers_the_true_difference_95_percent_of_the_time():
     """Nested synthetic studies with a known mean difference: seed effects (sd 1) and chip
     effects within a seed (sd 2), 3 seeds x 8 chips. The t interval over per-seed means covers
@@ -76,6 +77,7 @@ def _digits_models(n=2):
     return models, loader
 
 
+@pytest.mark.slow
 def test_evaluate_on_chips_gives_the_same_chips_for_the_same_number():
     (a, b), loader = _digits_models()
     assert S.chip_identity(a) == S.chip_identity(b) == ("fc1", "fc")
@@ -114,6 +116,7 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_study_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "study")
     assert _study(out) == 0
@@ -174,6 +177,7 @@ def test_study_end_to_end(tmp_path, capsys):
     assert "cannot resume study" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_study_resumes_an_interrupted_run(tmp_path, capsys):
     """A student killed mid-run (last.pt, no model.pth) is resumed, not restarted: the resumed
     study's accuracies equal an uninterrupted study's."""
