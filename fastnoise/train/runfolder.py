@@ -137,7 +137,8 @@ def fault(point: str, path: Optional[str] = None) -> None:
 def _write_error(e: OSError, path: str) -> RunFolderError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"no space left on device while writing {path!r}; the run folder keeps its "
-                             "last complete checkpoint: free some space and continue with --resume")
+                             "last complete checkpoint: free some space and resume it (--resume, or "
+                             "resume=True)")
     return RunFolderError(f"cannot write {path!r}: {e.strerror or e}")
 
 

@@ -349,7 +349,7 @@ class Trainer:
             proof = f"steps.csv logs step {last}, past the checkpoint at step {ck_every}"
         if proof is not None:
             raise ConfigError(f"cannot resume {self.out!r}: {self._path('last.pt')} is missing, but {proof}; "
-                              "restore last.pt, or start again with --overwrite")
+                              f"restore last.pt, or start again with {self._arg('overwrite')}")
 
     def _clear_run_folder(self) -> None:
         """``--overwrite``: last.pt first (a kill part way leaves nothing to resume from), the
