@@ -152,6 +152,7 @@ def _collect():
 RUNNABLE, NOT_RUN = _collect()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks", RUNNABLE)
 def test_page_runs_as_written(blocks, tmp_path):
     proc = run_blocks(blocks, tmp_path)

@@ -150,6 +150,7 @@ print(repr(fastnoise.PCM().effective_weight(w, 12345, 2, 86400.0, 3).double().su
 """
 
 
+@pytest.mark.slow
 def test_same_chip_in_another_process():
     w = (torch.arange(35 * 29, dtype=torch.float32).reshape(35, 29) % 17 - 8) / 8
     here = PCM().effective_weight(w, 12345, 2, 86400.0, 3).double().sum().item()

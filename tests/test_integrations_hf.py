@@ -62,6 +62,7 @@ def _train(out, stop=None, resume=None, cls=NoisyTrainer, noise_seed=0, callback
     return trainer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kd", [False, True], ids=["trainer_with_callback", "noisy_trainer_kd"])
 def test_resume_from_checkpoint_continues_the_same_noise(tmp_path, kd):
     """A plain Trainer with NoiseStateCallback (noise only), and NoisyTrainer with a teacher."""
@@ -83,6 +84,7 @@ def test_resume_from_checkpoint_continues_the_same_noise(tmp_path, kd):
     assert all(v["calls"] == 4 for v in state["noise"].values())
 
 
+@pytest.mark.slow
 def test_without_the_noise_state_the_resume_differs(tmp_path):
     """The control: a checkpoint without the noise file is refused; with the file deleted and a
     plain callback-free resume, the noise (and so the losses) differ from the uninterrupted run."""

@@ -79,6 +79,7 @@ def test_kd_resume_without_last_pt_before_any_checkpoint_starts_the_student_agai
     assert _files(folder)["steps.csv"] == _files(kd_run)["steps.csv"]  # the same student as uninterrupted
 
 
+@pytest.mark.slow
 def test_train_overwrite_clears_the_replaced_runs_eval_folder(tmp_path, capsys):
     folder = str(tmp_path / "run")
     plain = [*TINY, "schedule.epochs=1", "method.name=noise"]

@@ -120,6 +120,7 @@ def test_a_part_past_the_budget_is_stopped_and_keeps_its_figures(run_gpu, tmp_pa
     assert [x["name"] for x in lines if x["kind"] == "part"] == ["broken", "slow", "later"]
 
 
+@pytest.mark.slow
 def test_smoke_runs_the_cheap_parts_and_writes_the_summary(run_gpu, tmp_path, capsys):
     """The GPU parts' code on tiny shapes on the CPU, through main(): figures, targets (not
     judged in a smoke run), the summary files and the table. The costly parts (the Triton
@@ -141,6 +142,7 @@ def test_smoke_runs_the_cheap_parts_and_writes_the_summary(run_gpu, tmp_path, ca
     assert table in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_bare_checkout_gets_its_kernels_and_the_short_autotune_lists():
     """As on the device machine: no install (the editable finder removed) and no interpreter.
     ``fastnoise.kernels`` and its submodules load from this checkout's ``kernels/``; every config

@@ -34,6 +34,7 @@ def _run(cmd, cwd):
     assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 
 
+@pytest.mark.slow
 def test_fsdp2_on_two_gloo_ranks_equals_one_process(tmp_path):
     worker = os.path.join(HERE, "_fsdp_worker.py")
     one, two = str(tmp_path / "one"), str(tmp_path / "two")

@@ -246,6 +246,7 @@ def test_fit_study_of_a_causal_lm(tmp_path):
     assert again.tables == study.tables
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_train_what_one_does(tmp_path):
     import json
     import socket
