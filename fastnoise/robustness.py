@@ -346,10 +346,12 @@ def evaluate_robustness(model: nn.Module, loader: Iterable, etas: Optional[Seque
         seed: the chips: draw ``k`` of seed ``seed``, each layer named by its place in ``model``
             (see the module docstring). None: :func:`fastnoise.initial_seed` and the layers' own
             ids.
-        hardware, times: instead of ``etas``, a hardware model (``fastnoise.PCM()`` or its name,
-            ``"pcm"``) and the times (s after programming) to evaluate: pass ``k`` at time ``t``
-            runs inside ``fastnoise.noise(hardware=hardware, t=t, draw=k, seed=seed)``, chip ``k``
-            the same at every time; the result's ``etas`` (also ``times``) hold the times.
+        hardware: instead of ``etas``, a hardware model (``fastnoise.PCM()`` or its name,
+            ``"pcm"``), with ``times``: pass ``k`` at time ``t`` runs inside
+            ``fastnoise.noise(hardware=hardware, t=t, draw=k, seed=seed)``, chip ``k`` the same at
+            every time.
+        times: the times (s after programming) to evaluate on ``hardware``; the result's
+            ``etas`` (also ``times``) hold them.
         task: ``"classification"`` (top-1) or ``"causal_lm"`` (perplexity, next-token
             accuracy in ``extra["accuracy"]``); None: read from the first batch (token ids:
             ``causal_lm``).

@@ -19,6 +19,8 @@ ROLE = re.compile(r":(?:py:)?(func|class|meth|attr|mod|data|exc|obj):`(~?)([^`]+
 def _lookup(collection, path: str):
     """The griffe object at ``path`` (aliases followed), or None."""
     parts = path.split(".")
+    if not all(parts):  # a relative name (".base"): not resolved, shown as code
+        return None
     try:
         obj = collection[parts[0]]
         for part in parts[1:]:

@@ -1,4 +1,4 @@
-"""Chips: hardware models whose chips are numbers, not stored copies (see :mod:`.base`)."""
+"""Chips: hardware models whose chips are numbers, not stored copies (see :mod:`fastnoise.hardware.base`)."""
 
 from .base import (
     STREAM_DRIFT,

@@ -466,10 +466,10 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
         draws: simulated chips per seed and nonzero eta.
         out: the study folder (default ``runs/study-NAME``).
         methods: the students' methods (``noise`` is the baseline of the differences).
-        hardware, times: also measure every model on chips of this hardware model
-            (``fastnoise.PCM()`` or ``"pcm"``) at these times (s after programming; default 1 s,
-            1 day, 1 year), the same chips for every model of a seed: tables 3 and 4, and
-            ``chip_accuracies.csv`` / ``chip.png``.
+        hardware: also measure every model on chips of this hardware model
+            (``fastnoise.PCM()`` or ``"pcm"``), the same chips for every model of a seed:
+            tables 3 and 4, and ``chip_accuracies.csv`` / ``chip.png``.
+        times: the times on ``hardware`` (s after programming; default 1 s, 1 day, 1 year).
     Returns a :class:`StudyResult`; its ``tables`` is what was printed and written (its
     ``chip`` the :class:`StudyResult` on chips, or None).
     """
