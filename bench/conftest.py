@@ -22,3 +22,16 @@ def pytest_collection_modifyitems(config, items):
             continue
         if os.path.abspath(str(item.fspath)).startswith(BENCH_DIR + os.sep):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """The CPU benchmarks (marked ``cpu``) run on one intra-op thread, as their ratios are
+    quoted; a test that measures threads sets its own count inside."""
+    if request.node.get_closest_marker("cpu") is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -52,14 +52,6 @@ MEDIANS = Medians()
 _MEDIANS = MEDIANS.by_key  # also for the rows that are not ratios to clean / naive
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- providers
 NaiveLinear, NaiveConv2d = naive_classes(lambda w: ETA * w.detach().abs().max())  # SPEC's sigma
 

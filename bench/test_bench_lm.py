@@ -34,14 +34,6 @@ LAYERS, WIDTH, SEQ, VOCAB = (2, 256, 128, 1024) if SMALL else (4, 512, 256, 2048
 NaiveLinear, _ = naive_classes(lambda w: ETA * w.detach().abs().max())  # SPEC's sigma
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _llama():
     transformers.utils.logging.set_verbosity_error()
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=WIDTH * 8 // 3,

@@ -41,14 +41,6 @@ MEDIANS = Medians()
 _PEAKS: dict = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _resnet18():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)

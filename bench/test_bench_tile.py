@@ -68,14 +68,6 @@ def _aihwkit():
     return mod, convert_to_analog, c
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _as(provider: str, model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     if provider == "noisy":
