@@ -204,6 +204,11 @@ class NoisyMixin:
         the key is the one a Gaussian ``draw=k`` uses, the read the next of this weight's."""
         from .hardware.base import HardwareRead
 
+        if getattr(self, "tile", None) is not None:  # never drop the tile's stages silently
+            raise ValueError(f"{type(self).__name__} has a crossbar tile ({self.tile}): evaluating it on "
+                             f"{override.hardware.name} chips (noise(hardware=...)) is not supported yet; "
+                             "evaluate it without hardware= (the tile with weight noise), or convert it "
+                             "without tile=")
         base = rng.initial_seed() if override.seed is None else override.seed
         wids = self.__dict__.get("_draw_wids") or self._noise_wids
         read = override.next_read((id(self), name))

@@ -362,3 +362,10 @@ def test_cli_study_and_eval_on_chips(tmp_path, capsys, one_thread):
     assert "give --hardware too" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "s4"), "--hardware", "pcm", "--times", "-1"]) == 2
     assert "got -1.0" in capsys.readouterr().err
+
+
+def test_a_layer_on_a_crossbar_tile_is_refused_on_a_chip_not_evaluated_without_its_tile():
+    layer = fastnoise.Linear(12, 5, tile=fastnoise.TileSpec(max_input_size=8, inp_bits=8)).eval()
+    x = torch.randn(3, 12)
+    with pytest.raises(ValueError, match="crossbar tile"), fastnoise.noise(hardware=fastnoise.PCM(), t=1.0):
+        layer(x)
