@@ -3,12 +3,11 @@ global batch, and every rank draws the same noise."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
+from _torchrun import run, two_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -18,32 +17,11 @@ OVERRIDES = ["model.arch=digits_mlp", "model.init=null", "method.name=noise", "n
              "eval.etas=[0.0, 0.05]", "eval.draws=2", "eval.epoch_draws=1", "log.every=5"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU, also on a GPU machine
-    return env
-
-
-def _run(cmd, cwd):
-    r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-
-
 def test_two_gloo_ranks_match_one_process(tmp_path):
     worker = os.path.join(HERE, "_ddp_worker.py")
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    _run([sys.executable, worker, one, *OVERRIDES], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), worker, two, *OVERRIDES],
-         tmp_path)
+    run([sys.executable, worker, one, *OVERRIDES], tmp_path)
+    two_ranks(worker, two, *OVERRIDES, cwd=tmp_path)
     solo = json.load(open(os.path.join(one, "rank0.json")))
     r0 = json.load(open(os.path.join(two, "rank0.json")))
     r1 = json.load(open(os.path.join(two, "rank1.json")))

@@ -6,7 +6,6 @@ bad setting is an error naming it, and 2 gloo processes train what 1 does."""
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ import tempfile
 import pytest
 import torch
 from _fit_worker import SETTINGS, UserNet, make_data, make_model, make_teacher, run
+from _torchrun import assert_ranks_equal, two_ranks
 from torch.utils.data import DataLoader
 
 import fastnoise
@@ -219,31 +219,12 @@ def test_bad_arguments_name_what_is_wrong(tmp_path, change, match):
     assert not os.path.exists(out)  # checked before anything is written
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_train_what_one_does(tmp_path):
     one = run(str(tmp_path / "one"), "noise", epochs=1)
     two = str(tmp_path / "two")
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                        os.path.join(HERE, "_fit_worker.py"), two, "noise", "1epoch"],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r0, r1 = (json.load(open(os.path.join(two, f"rank{i}.json"))) for i in (0, 1))
-    assert r0["world_size"] == r1["world_size"] == 2
-    assert r0["noise"] == r1["noise"] == fastnoise.noise_state_dict(one.model)
-    for k, v in one.model.state_dict().items():
-        b, c = torch.tensor(r0["weights"][k]), torch.tensor(r1["weights"][k])
-        assert torch.equal(b, c), f"ranks disagree on {k}"
-        torch.testing.assert_close(b, v, rtol=1e-4, atol=1e-5, msg=k)
+    two_ranks(os.path.join(HERE, "_fit_worker.py"), two, "noise", "1epoch")
+    r0 = assert_ranks_equal(two, one.model)
     assert r0["metrics"][0]["train_loss"] == pytest.approx(one.history[0]["train_loss"], rel=1e-4)
     assert r0["metrics"][0]["val_top1"] == pytest.approx(one.history[0]["val_top1"], abs=1e-9)
 

@@ -5,12 +5,11 @@ the all-gathered weight from the same (seed, layer name, call counter)."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
+from _torchrun import run, two_ranks
 
 pytest.importorskip("transformers")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -20,28 +19,12 @@ if not hasattr(fsdp, "fully_shard"):
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-
-
 @pytest.mark.slow
 def test_fsdp2_on_two_gloo_ranks_equals_one_process(tmp_path):
     worker = os.path.join(HERE, "_fsdp_worker.py")
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    _run([sys.executable, worker, one, "noise", "kd"], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), worker, two, "noise", "kd"],
-         tmp_path)
+    run([sys.executable, worker, one, "noise", "kd"], tmp_path)
+    two_ranks(worker, two, "noise", "kd", cwd=tmp_path)
     for mode in ("noise", "kd"):
         solo = json.load(open(os.path.join(one, f"{mode}-rank0.json")))
         r0 = json.load(open(os.path.join(two, f"{mode}-rank0.json")))

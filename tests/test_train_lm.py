@@ -248,33 +248,12 @@ def test_fit_study_of_a_causal_lm(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_train_what_one_does(tmp_path):
-    import json
-    import socket
-    import subprocess
-    import sys
-
     from _lm_fit_worker import run
+    from _torchrun import assert_ranks_equal, two_ranks
 
     one = run(str(tmp_path / "one"))
     two = str(tmp_path / "two")
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lm_fit_worker.py")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                        worker, two],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r0, r1 = (json.load(open(os.path.join(two, f"rank{i}.json"))) for i in (0, 1))
-    assert r0["world_size"] == r1["world_size"] == 2
-    assert r0["noise"] == r1["noise"] == fastnoise.noise_state_dict(one.model)
-    for k, v in one.model.state_dict().items():
-        b, c = torch.tensor(r0["weights"][k]), torch.tensor(r1["weights"][k])
-        assert torch.equal(b, c), f"ranks disagree on {k}"
-        torch.testing.assert_close(b, v, rtol=1e-4, atol=1e-5, msg=k)
+    two_ranks(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lm_fit_worker.py"), two)
+    r0 = assert_ranks_equal(two, one.model)
     for key in ("train_loss", "train_kd", "val_ppl", "val_ppl_noisy"):
         assert r0["metrics"][0][key] == pytest.approx(one.history[0][key], rel=1e-4), key
