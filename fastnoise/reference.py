@@ -174,11 +174,9 @@ def _tile_forward(x2, w2, wn2, input_range, tile, z):
     return y, per
 
 
-def tile_linear_forward(x, weight, bias, input_range, tile, sigma, mode, noise_bias, seed, offset,
-                        weight_noise: bool = True, out_noise: bool = True) -> torch.Tensor:
-    """The crossbar tile's ``y`` (:mod:`fastnoise.tile`) in ``x.dtype``: weight ``[N, K]``,
-    ``x [..., K]``; ``weight_noise`` adds ``sigma z`` (stream 0), ``out_noise`` the tile's output
-    noise (stream 5) when ``tile.out_noise > 0``."""
+def _tile_reference(x, weight, input_range, tile, sigma, mode, seed, offset, weight_noise, out_noise):
+    """What the reference's forward and backward share: ``x [M, K]``, the clean and the noisy
+    weight, the tile sizes and :func:`_tile_forward`'s ``(y, per-tile state)`` on the same noise."""
     x2 = x.reshape(-1, x.shape[-1])
     w2 = weight.detach().to(x.dtype)
     wn2 = noisy_weight(weight, sigma, mode, seed, offset, x.dtype) if weight_noise else w2
@@ -186,7 +184,16 @@ def tile_linear_forward(x, weight, bias, input_range, tile, sigma, mode, noise_b
     z = None
     if out_noise and tile.out_noise > 0:
         z = tile_out_normals(seed, offset, len(sizes), x2.shape[0], w2.shape[0], x.device)
-    y, _ = _tile_forward(x2, w2, wn2, input_range, tile, z)
+    return x2, w2, wn2, sizes, _tile_forward(x2, w2, wn2, input_range, tile, z)
+
+
+def tile_linear_forward(x, weight, bias, input_range, tile, sigma, mode, noise_bias, seed, offset,
+                        weight_noise: bool = True, out_noise: bool = True) -> torch.Tensor:
+    """The crossbar tile's ``y`` (:mod:`fastnoise.tile`) in ``x.dtype``: weight ``[N, K]``,
+    ``x [..., K]``; ``weight_noise`` adds ``sigma z`` (stream 0), ``out_noise`` the tile's output
+    noise (stream 5) when ``tile.out_noise > 0``."""
+    x2, w2, _, _, (y, _) = _tile_reference(x, weight, input_range, tile, sigma, mode, seed, offset,
+                                           weight_noise, out_noise)
     if bias is not None:
         b = (noisy_bias(bias, sigma, mode, seed, offset, x.dtype) if weight_noise and noise_bias
              else bias.detach().to(x.dtype))
@@ -198,15 +205,9 @@ def tile_linear_backward(grad, x, weight, input_range, tile, sigma, mode, seed, 
                          weight_noise: bool = True, out_noise: bool = True):
     """Gradients ``(dx, dW, db, d input_range)`` of :func:`tile_linear_forward` by the
     straight-through definitions of :mod:`fastnoise.tile` (aihwkit-lightning's)."""
-    x2 = x.reshape(-1, x.shape[-1])
     g2 = grad.reshape(-1, weight.shape[0]).to(x.dtype)
-    w2 = weight.detach().to(x.dtype)
-    wn2 = noisy_weight(weight, sigma, mode, seed, offset, x.dtype) if weight_noise else w2
-    sizes = tile.sizes(w2.shape[1])
-    z = None
-    if out_noise and tile.out_noise > 0:
-        z = tile_out_normals(seed, offset, len(sizes), x2.shape[0], w2.shape[0], x.device)
-    _, per = _tile_forward(x2, w2, wn2, input_range, tile, z)
+    x2, w2, wn2, sizes, (_, per) = _tile_reference(x, weight, input_range, tile, sigma, mode, seed,
+                                                   offset, weight_noise, out_noise)
     dx, dw = torch.zeros_like(x2), torch.zeros_like(w2)
     dr = torch.zeros(len(sizes), dtype=x.dtype, device=x.device) if tile.input_range else None
     k0 = 0
