@@ -46,11 +46,11 @@ except ImportError:  # not POSIX: no lock between processes
     fcntl = None
 
 __all__ = ["available", "why_unavailable", "library_path", "sources_dir", "noisy_weight", "noisy_bias",
-           "normal_grid", "philox_words", "kernel_isa", "set_kernel_isa", "SOURCES"]
+           "normal_grid", "philox_words", "pcm_weight", "kernel_isa", "set_kernel_isa", "SOURCES"]
 
-SOURCES = ("noise.cpp", "cpu/noise_cpu.cpp", "cpu/noise_kernel_base.cpp", "cpu/noise_kernel_avx2.cpp",
-           "cpu/noise_kernel_avx512.cpp")
-_HEADERS = ("cpu/kernel_api.h", "cpu/noise_kernel.h")
+SOURCES = ("noise.cpp", "cpu/noise_cpu.cpp", "cpu/pcm_cpu.cpp", "cpu/noise_kernel_base.cpp",
+           "cpu/noise_kernel_avx2.cpp", "cpu/noise_kernel_avx512.cpp")
+_HEADERS = ("cpu/kernel_api.h", "cpu/noise_kernel.h", "cpu/ops_common.h")
 # -fno-math-errno: sqrt becomes the instruction (vectorisable); -ffp-contract=off: no fused
 # multiply-adds, so the baseline and AVX2 copies round alike; -fopenmp: at::parallel_for's
 # OpenMP backend (torch's own libgomp at run time)
@@ -303,6 +303,14 @@ def normal_grid(seed: int, offset: int, rows: int, cols: int, stream: int = 0) -
 def philox_words(seed: int, offset: int, stream: int, rows: int, groups: int) -> torch.Tensor:
     """Philox words of counters ``(g, r, stream, offset)``: int64 ``[rows, groups, 4]``."""
     return _ops().philox_words(int(seed), int(offset), int(stream), int(rows), int(groups))
+
+
+def pcm_weight(weight: torch.Tensor, key: int, read_key: int, chip: int, read: int, t: float,
+               device: tuple, prog_coeff: tuple) -> torch.Tensor:
+    """A PCM chip's effective weight, float32 ``[out, K]`` of a float32 ``[out, K]`` weight (see
+    :mod:`fastnoise._hardware_ops` for ``device``)."""
+    return _ops().pcm_weight(weight.detach(), int(key), int(read_key), int(chip), int(read) & 0xFFFFFFFF,
+                             float(t), [float(v) for v in device], [float(c) for c in prog_coeff])
 
 
 def kernel_isa() -> str:

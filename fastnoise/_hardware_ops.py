@@ -9,6 +9,12 @@
 All three draw the same z (to a few float32 ulps), so chip ``k`` at ``t`` is the same chip on
 every backend. The layers call :func:`hardware_weight` once per forward, then the clean op
 (the generate path: the effective weight lives as long as the op that reads it).
+
+On the CPU, a :class:`~fastnoise.PCM` whose device functions are PCM's own (not overridden by a
+subclass) runs as one C++ op instead (``fastnoise_cpu::pcm_weight``, ``csrc/ops/cpu/pcm_cpu.cpp``):
+the same formulas in three passes over the weight, the normals drawn a row at a time, where the
+PyTorch composition makes about 25 passes and a dozen weight-sized temporaries. Both give the same
+chip to a few float32 ulps (``tests/test_hardware_pcm.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import torch
 from torch import Tensor
 
 from . import _cpu, dispatch
-from .hardware.base import HardwareRead, NormalFn, reference_normal
+from .hardware.base import HardwareRead, NormalFn, check_chip, check_time, read_key, reference_normal
+from .hardware.pcm import PCM
 
 __all__ = ["hardware_weight", "normal_for"]
 
@@ -50,13 +57,37 @@ def normal_for(weight: Tensor) -> NormalFn:
     return reference_normal
 
 
+_PCM_DEVICE = ("prog_std", "prog_reference", "drift_stats", "read_std", "programmed", "effective_weight")
+
+
+def _fused_pcm(model, weight: Tensor) -> bool:
+    """Whether ``model`` on ``weight`` runs as the C++ op: a PCM with PCM's own device functions,
+    a CPU weight of a kernel dtype, the kernels built."""
+    return (isinstance(model, PCM) and weight.device.type == "cpu"
+            and weight.dtype in dispatch.KERNEL_DTYPES and weight.numel() > 0 and len(model.prog_coeff) <= 4
+            and all(getattr(type(model), f) is getattr(PCM, f) for f in _PCM_DEVICE)
+            and _cpu.available())
+
+
+def _pcm_cpu(model: PCM, weight: Tensor, key: int, chip: int, t: float, read: int) -> Tensor:
+    t, chip = check_time(t), check_chip(chip)
+    device = (model.g_max, model.prog_noise_scale, model.read_noise_scale, model.drift_scale,
+              float(model.compensation), model.t_read, model.t0, model.prog_reference())
+    w = weight.detach().reshape(weight.shape[0], -1).float()
+    return _cpu.pcm_weight(w, key, read_key(key, chip), chip, read, t, device, model.prog_coeff)
+
+
 def hardware_weight(weight: Tensor, read: HardwareRead, key: int,
                     normal: Optional[NormalFn] = None) -> Tensor:
     """Chip ``read.chip``'s ``weight`` at ``read.t`` for read ``read.read``, in ``weight``'s shape
-    and dtype. The gradient is straight-through (as for Gaussian noise): ``W + (W_eff - W)``."""
-    normal = normal or normal_for(weight)
+    and dtype. The gradient is straight-through (as for Gaussian noise): ``W + (W_eff - W)``.
+    ``normal`` forces the model's own (PyTorch) computation with that generator."""
     with torch.no_grad():
-        w_eff = read.model.effective_weight(weight, key, read.chip, read.t, read.read, normal)
+        if normal is None and _fused_pcm(read.model, weight):
+            w_eff = _pcm_cpu(read.model, weight, key, read.chip, read.t, read.read)
+        else:
+            normal = normal or normal_for(weight)
+            w_eff = read.model.effective_weight(weight, key, read.chip, read.t, read.read, normal)
         w_eff = w_eff.reshape(weight.shape).to(weight.dtype)
         if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
             w_eff = w_eff.contiguous(memory_format=torch.channels_last)

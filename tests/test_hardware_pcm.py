@@ -178,6 +178,97 @@ def test_generators_match_the_reference(gen):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * float(w.abs().max()))
 
 
+# ----------------------------------------------------------------------------- the C++ chip op
+def _cpu_or_skip():
+    from fastnoise import _cpu
+
+    if not _cpu.available():
+        pytest.skip(f"the C++ CPU library is not built: {_cpu.why_unavailable()}")
+    return _cpu
+
+
+_CPU_CASES = {
+    "default": PCM(),
+    "no-compensation": PCM(compensation=False),
+    "scaled": PCM(g_max=10.0, prog_noise_scale=2.0, read_noise_scale=0.5, drift_scale=1.5),
+    "cubic-programming": PCM(prog_coeff=(0.1, 0.5, 0.2, 0.3)),
+    "noise-off": PCM(prog_noise_scale=0.0, read_noise_scale=0.0, drift_scale=0.0),
+}
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("case", list(_CPU_CASES))
+def test_cpu_chip_op_computes_the_reference_chip(isa, case):
+    """The C++ op (three passes, polynomial ln / exp) is the reference's chip on the same normals:
+    odd shapes (a conv's 4-D weight, a row shorter than a Philox block, rows of several blocks),
+    a zero element, every t from 0 to a year, each kernel copy."""
+    cpu = _cpu_or_skip()
+    try:
+        previous = cpu.set_kernel_isa(isa)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
+        pcm = _CPU_CASES[case]
+        g = torch.Generator().manual_seed(3)
+        for shape in ((5, 3, 3, 3), (7, 3), (33, 301)):
+            w = torch.randn(*shape, generator=g) * 0.1
+            w.view(-1)[1] = 0.0
+            for t in (0.0, 1.0, DAY, YEAR):
+                r = HardwareRead(pcm, t, 3, 7)
+                got = hardware_weight(w, r, 12345)  # the op
+                ref = hardware_weight(w, r, 12345, normal=reference_normal)  # PyTorch, same normals
+                assert got.shape == w.shape and got.dtype == w.dtype
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6 * float(w.abs().max()))
+    finally:
+        cpu.set_kernel_isa(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_chip_op_half_weights(dtype):
+    """A half-precision weight: the chip of its float32 value, rounded once to its dtype."""
+    _cpu_or_skip()
+    w = (torch.randn(17, 40, generator=torch.Generator().manual_seed(1)) * 0.1).to(dtype)
+    r = HardwareRead(PCM(), DAY, 2, 0)
+    got = hardware_weight(w, r, 99)
+    ref = PCM().effective_weight(w.float(), 99, 2, DAY, 0).to(dtype)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-3 * float(w.abs().max()))
+
+
+def test_cpu_chip_op_does_not_depend_on_threads():
+    _cpu_or_skip()
+    w = torch.randn(300, 700, generator=torch.Generator().manual_seed(2))
+    r = HardwareRead(PCM(), YEAR, 1, 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = hardware_weight(w, r, 5)
+        torch.set_num_threads(2)
+        two = hardware_weight(w, r, 5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+class _OwnDevice(PCM):
+    """A device of one's own: the C++ op must not stand in for its functions."""
+
+    def read_std(self, g, t):
+        return torch.full_like(g, 0.05)
+
+
+def test_own_device_functions_are_not_replaced_by_the_cpu_op():
+    _cpu_or_skip()
+    w = torch.randn(9, 31, generator=torch.Generator().manual_seed(4))
+    r = HardwareRead(_OwnDevice(), DAY, 0, 0)
+    got = hardware_weight(w, r, 7)
+    torch.testing.assert_close(got, _OwnDevice().effective_weight(w, 7, 0, DAY, 0))
+    assert not torch.allclose(got, PCM().effective_weight(w, 7, 0, DAY, 0))
+    five = PCM(prog_coeff=(0.2, 0.1, 0.1, 0.1, 0.1))  # over the op's four coefficients: PyTorch
+    torch.testing.assert_close(hardware_weight(w, HardwareRead(five, DAY, 0, 0), 7),
+                               five.effective_weight(w, 7, 0, DAY, 0))
+
+
 # ----------------------------------------------------------------------------- the layers
 def _key(layer, name="weight", seed=0):
     return rng.mix64(seed, *layer._noise_wids[name], _DRAW_TAG)

@@ -18,6 +18,12 @@ TORCH_LIBRARY(fastnoise_cpu, m) {
   m.def("noisy_weight(Tensor weight, Tensor sigma, int mode, int seed, int offset, ScalarType dtype) -> Tensor");
   // b + sigma z_b: row 0 of stream 1, each element with its channel's sigma
   m.def("noisy_bias(Tensor bias, Tensor sigma, int mode, int seed, int offset, ScalarType dtype) -> Tensor");
+  // a PCM chip's effective weight (fastnoise.hardware.pcm.PCM.effective_weight), float32 [out, K]
+  // of a float32 [out, K] weight: programming error (stream 2, key), drift exponent (stream 3,
+  // key) of chip `chip`, read noise of read `read` (stream 4, read_key) at t s; device holds
+  // g_max, prog/read noise and drift scales, compensation (0/1), t_read, t0 and the g_max the
+  // programming polynomial prog_coeff (in g / g_max) was fitted at
+  m.def("pcm_weight(Tensor weight, int key, int read_key, int chip, int read, float t, float[] device, float[] prog_coeff) -> Tensor");
   // the instruction set of the kernels in use ("avx2" or "baseline"), and a way to choose it
   // (tests compare both); set_kernel_isa returns the previous choice
   m.def("kernel_isa() -> str");

@@ -127,10 +127,14 @@ class PCM(HardwareModel):
         for c in self.prog_coeff[1:]:
             p = p * x
             std = std + c * p
+        return std * (self.g_max / self.prog_reference())
+
+    def prog_reference(self) -> float:
+        """The g_max (uS) the programming polynomial was fitted at."""
         ref = self.prog_coeff_g_max_reference
         if ref is None:
             ref = _PROG_COEFF_G_REF if self.prog_coeff == PROG_COEFF else self.g_max
-        return std * (self.g_max / ref)
+        return ref
 
     def drift_stats(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the normal whose absolute value is a device's drift exponent nu, for a

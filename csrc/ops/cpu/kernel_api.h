@@ -41,6 +41,18 @@ struct Row {
   const float* sigma_col;
 };
 
+// A PCM chip's constants for one weight (fastnoise.hardware.pcm.PCM; pcm_cpu.cpp fills them).
+struct PcmParams {
+  float g_max;       // uS that max|W| maps to
+  float s;           // g_max / max|W|: the programming map
+  float s2;          // g_max / max|W_p|: the map of the programmed weight
+  float prog_scale, read_scale, drift_scale;
+  float std_scale;   // g_max / the g_max the programming polynomial was fitted at
+  float coeff[4];    // the programming polynomial in g / g_max, zero-padded
+  float log_drift;   // -ln((t + t0) / t0)
+  float read_time;   // sqrt(ln((t + t0 + t_read) / (2 t_read)))
+};
+
 struct Kernels {
   const char* name;
   // out[4 j + i] = word x_i of Philox(counter (g0 + j, row, stream, offset)), j in [0, n)
@@ -49,6 +61,11 @@ struct Kernels {
   void (*normal_row)(const Stream& s, uint32_t row, int64_t cols, float* out);
   // out = w + sigma z for one row, rounded once to the output type
   void (*noisy_row)(const Stream& s, const Row& r);
+  // out[c] = W_p of w[c], z0 / z1 the programming normals of its two devices
+  void (*pcm_program)(const PcmParams& p, int64_t n, const float* w, const float* z0, const float* z1,
+                      float* out);
+  // io[c]: W_p in, W_t out; zd the drift normals, zr the read normals
+  void (*pcm_drift)(const PcmParams& p, int64_t n, const float* w, const float* zd, const float* zr, float* io);
 };
 
 // radius_table[lo] = sqrt(-2 ln((lo + 1/2) / 2**16)), float64 rounded to float32; filled by

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "kernel_api.h"
+#include "ops_common.h"
 
 namespace fastnoise_cpu {
 
@@ -34,23 +34,6 @@ void init_tables() {
 namespace {
 
 constexpr int64_t kModeTensor = 0, kModeRow = 1, kModeProportional = 2;  // fastnoise.spec
-
-// Rows in blocks of about 16 Ki elements, handed out one at a time to whichever thread is free
-// (an atomic counter) rather than split in equal halves up front: a thread that wakes late or
-// shares its core with another process then does fewer blocks instead of holding up the call.
-// One block, one thread, or a call from inside a parallel region runs on the calling thread.
-template <typename Body>
-void for_row_blocks(int64_t rows, int64_t cols, const Body& body) {
-  const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
-  const int64_t blocks = (rows + block - 1) / block;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(blocks, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1)) {
-      body(b * block, std::min(rows, (b + 1) * block));
-    }
-  });
-}
 
 bool cpu_has_avx2() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -91,22 +74,6 @@ const Kernels* default_kernels() {
 }
 
 std::atomic<const Kernels*> g_kernels{nullptr};
-
-const Kernels& kernels() {
-  const Kernels* k = g_kernels.load();
-  if (k == nullptr) {
-    k = default_kernels();
-    g_kernels.store(k);
-  }
-  init_tables();
-  return *k;
-}
-
-Stream make_stream(int64_t seed, int64_t offset, uint32_t stream) {
-  TORCH_CHECK(seed >= 0, "fastnoise_cpu: seed must be in [0, 2**63), got ", seed);
-  return Stream{static_cast<uint32_t>(seed & 0xFFFFFFFF), static_cast<uint32_t>(seed >> 32), stream,
-                static_cast<uint32_t>(offset & 0xFFFFFFFF)};
-}
 
 DType to_dtype(at::ScalarType t, const char* what) {
   switch (t) {
@@ -282,6 +249,23 @@ std::string set_kernel_isa(const std::string& isa) {
 }
 
 }  // namespace
+
+const Kernels& kernels() {
+  const Kernels* k = g_kernels.load();
+  if (k == nullptr) {
+    k = default_kernels();
+    g_kernels.store(k);
+  }
+  init_tables();
+  return *k;
+}
+
+Stream make_stream(int64_t seed, int64_t offset, uint32_t stream) {
+  TORCH_CHECK(seed >= 0, "fastnoise_cpu: seed must be in [0, 2**63), got ", seed);
+  return Stream{static_cast<uint32_t>(seed & 0xFFFFFFFF), static_cast<uint32_t>(seed >> 32), stream,
+                static_cast<uint32_t>(offset & 0xFFFFFFFF)};
+}
+
 }  // namespace fastnoise_cpu
 
 TORCH_LIBRARY_IMPL(fastnoise_cpu, CPU, m) {

@@ -277,6 +277,105 @@ static void philox_words(const Stream& s, uint32_t row, uint32_t g0, int64_t n, 
   }
 }
 
+// ---------------------------------------------------------------------------- PCM
+// ln x and e^x in float32 without libm, so the PCM loops vectorise (Cephes' logf and expf:
+// relative error ~1e-7, within 2 float32 ulps of torch's own). Comparisons are selects; e^x is
+// clamped to the float range, ln x is for normal x > 0 only (the callers clamp from below).
+
+// c ? a : b as a bit select: GCC does not vectorise a loop where a ?: value reaches a bit cast
+static inline float pick(bool c, float a, float b) { return u2f(select(mask(c), f2u(a), f2u(b))); }
+
+static inline float clamp_to(float x, float lo, float hi) { return pick(x > hi, hi, pick(x < lo, lo, x)); }
+
+static inline float log_pos(float x) {
+  const uint32_t b = f2u(x);
+  const float m0 = u2f((b & 0x007FFFFFu) | 0x3F000000u);  // x = m0 2**e0, m0 in [0.5, 1)
+  // m0 < sqrt(1/2): x = (2 m0) 2**(e0 - 1); as a bit mask, so the loops stay free of branches
+  const uint32_t low = mask(m0 < 0.707106781186547524f);
+  const float fe = static_cast<float>(static_cast<int32_t>(b >> 23) - 126 - static_cast<int32_t>(low & 1u));
+  const float m = u2f(select(low, f2u(m0 + m0), f2u(m0))) - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return (m + y) + fe * 0.693359375f;
+}
+
+static inline float exp_of(float x) {
+  x = clamp_to(x, -87.0f, 88.0f);
+  float fn = x * 1.44269504088896341f;
+  fn = (fn + 12582912.0f) - 12582912.0f;  // the nearest integer (1.5 * 2**23 shifts it out)
+  const int32_t n = static_cast<int32_t>(fn);
+  float r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  const float z = r * r;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  const float y = (q * z + r) + 1.0f;
+  return y * u2f(static_cast<uint32_t>(n + 127) << 23);
+}
+
+// device target (uS) of weight v: max(v, 0) s, at most g_max
+static inline float pcm_target(float v, float s, float g_max) {
+  const float g = pick(v > 0.0f, v, 0.0f) * s;
+  return pick(g > g_max, g_max, g);
+}
+
+static inline float pcm_prog_std(const PcmParams& p, float g) {
+  const float x = g / p.g_max;
+  float std = p.coeff[0], q = 1.0f;
+#pragma GCC unroll 3
+  for (int i = 1; i < 4; ++i) {
+    q = q * x;
+    std = std + p.coeff[i] * q;
+  }
+  return std * p.std_scale;
+}
+
+static void pcm_program(const PcmParams& p, int64_t n, const float* __restrict w, const float* __restrict z0,
+                        const float* __restrict z1, float* __restrict out) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float g0 = pcm_target(w[c], p.s, p.g_max), g1 = pcm_target(-w[c], p.s, p.g_max);
+    float p0 = z0[c] * pcm_prog_std(p, g0) * p.prog_scale + g0;
+    float p1 = z1[c] * pcm_prog_std(p, g1) * p.prog_scale + g1;
+    out[c] = (pick(p0 < 0.0f, 0.0f, p0) - pick(p1 < 0.0f, 0.0f, p1)) / p.s;
+  }
+}
+
+static void pcm_drift(const PcmParams& p, int64_t n, const float* __restrict w, const float* __restrict zd,
+                      const float* __restrict zr, float* __restrict io) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float wp = io[c];
+    const bool pos = wp >= 0.0f;
+    const float g = __builtin_fabsf(wp) * p.s2;  // the device of the pair that holds W_p
+    const float gt = pcm_target(pick(pos, w[c], -w[c]), p.s, p.g_max);  // its target
+    const float lg = log_pos(clamp_to(__builtin_fabsf(gt / p.g_max), 1e-7f, 3.0e38f));
+    const float mu = clamp_to(-0.0155f * lg + 0.0244f, 0.049f, 0.1f);
+    const float sd = clamp_to(-0.0125f * lg - 0.0059f, 0.008f, 0.045f);
+    const float nu = __builtin_fabsf(zd[c] * sd + mu) * p.drift_scale;
+    const float gd = exp_of(nu * p.log_drift) * g;
+    // (g / g_max)^0.65, below 1e-3 (g / g_max < 2.4e-5) clamped: ln of at least 1e-6 serves
+    const float pw = exp_of(0.65f * log_pos(clamp_to(__builtin_fabsf(g) / p.g_max, 1e-6f, 3.0e38f)));
+    const float q = clamp_to(0.0088f / clamp_to(pw, 1e-3f, 3.0e38f), 0.0f, 0.2f);
+    const float sig = q * p.read_time * p.read_scale;
+    const float gr = clamp_to(zr[c] * sig * __builtin_fabsf(gd) + gd, 0.0f, 3.0e38f);
+    io[c] = pick(pos, gr, -gr) / p.s2;
+  }
+}
+
 }  // namespace FASTNOISE_KERNEL_NS
 
 const Kernels FASTNOISE_KERNEL_TABLE = {
@@ -284,6 +383,8 @@ const Kernels FASTNOISE_KERNEL_TABLE = {
     FASTNOISE_KERNEL_NS::philox_words,
     FASTNOISE_KERNEL_NS::normal_row,
     FASTNOISE_KERNEL_NS::noisy_row,
+    FASTNOISE_KERNEL_NS::pcm_program,
+    FASTNOISE_KERNEL_NS::pcm_drift,
 };
 
 }  // namespace fastnoise_cpu
