@@ -567,17 +567,25 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
             return _load_model(mcfg, weights, data.num_classes, dev)
 
         study = StudyResult(out, etas, seeds, ["teacher", *methods], draws)
-        _measure_all(study, load, loader, _amp_dtype(cfg, dev), dev, progress, step, chip=chip)
+        _measure_all(study, load, loader, _amp_dtype(cfg, dev), dev, progress, step, task=cfg["task"],
+                     chip=chip)
     finally:
         if bar is not None:
             bar.close()
 
-    samples = study.results[("teacher", seeds[0])].samples
-    header = (f"{cfg['name']}: top-1 (%) on {samples} held-out samples of {cfg['data']['dataset']}, "
+    header = (f"{cfg['name']}: {_measured(study, cfg['task'])} of {cfg['data']['dataset']}, "
               f"{cfg['model']['arch']}; students trained at eta={eta:g} ({cfg['noise']['scale']} scale) "
               f"from one clean teacher; mean ± std over {len(seeds)} seeds x {draws} chips per seed "
               f"(seeds {', '.join(map(str, seeds))})")
     return _finish(study, header, cfg, out, log)
+
+
+def _measured(study: StudyResult, task: Optional[str]) -> str:
+    """What the tables hold: ``top-1 (%) on N held-out samples`` or a causal LM's perplexity."""
+    samples = study.results[("teacher", study.seeds[0])].samples
+    if task == "causal_lm":
+        return f"perplexity on {samples} held-out tokens"
+    return f"top-1 (%) on {samples} held-out samples"
 
 
 def _finish(study: StudyResult, header: str, cfg: dict, out: str, log) -> StudyResult:
@@ -811,10 +819,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
     study = StudyResult(out, etas, seeds, ["teacher", *methods], draws)
     _measure_all(study, load, loader, _amp_dtype(cfg, dev), dev, False, lambda msg: None, task=task,
                  chip=chip)
-    samples = study.results[("teacher", seeds[0])].samples
-    what = f"perplexity on {samples} held-out tokens" if task == "causal_lm" else (
-        f"top-1 (%) on {samples} held-out samples")
-    header = (f"{cfg['name']}: {what}; students trained at "
+    header = (f"{cfg['name']}: {_measured(study, task)}; students trained at "
               f"eta={eta:g} ({cfg['noise']['scale']} scale) from one clean teacher; mean ± std over "
               f"{len(seeds)} seeds x {draws} chips per seed (seeds {', '.join(map(str, seeds))})")
     return _finish(study, header, cfg, out, messages)
