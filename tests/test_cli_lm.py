@@ -126,3 +126,20 @@ def test_without_transformers_the_error_names_the_package(tmp_path, text, capsys
     err = capsys.readouterr().err
     assert "model.arch=tiny_llama needs the transformers package (pip install transformers)" in err
     assert not run.exists()
+
+
+def test_a_teacher_file_loads_into_a_model_built_for_real_when_meta_would_leave_buffers_empty():
+    """A Llama's rotary frequencies are a non-persistent buffer: a model built on the meta device
+    and filled from a file would keep them on meta; a classifier still loads without initialising."""
+    from fastnoise.train.models import build_model, build_to_load
+
+    llama, assign = build_to_load("tiny_llama", 256)
+    assert not assign and all(b.device.type == "cpu" for b in llama.buffers())
+    with torch.device("meta"):
+        on_meta = build_model("tiny_llama", 256)
+    assert any(b.device.type == "meta" for _, b in on_meta.named_buffers() if _ not in on_meta.state_dict())
+    state = torch.get_rng_state()
+    mlp, assign = build_to_load("digits_mlp", 10)
+    assert assign and next(mlp.parameters()).device.type == "meta"
+    build_to_load("tiny_llama", 256)
+    assert torch.equal(torch.get_rng_state(), state)  # torch's RNG left as it was

@@ -19,8 +19,15 @@ Table 1: top-1 mean ± std per model and eta over all seeds and chips (the std h
 seed-to-seed and the chip-to-chip spread). Table 2: for each method, the paired difference to
 noise-only, ``mean [95% CI]`` in points of top-1, from :func:`paired_difference`.
 
-A causal LM (``fit_study(..., task="causal_lm")`` or token data) is measured by perplexity
-instead (lower is better: a negative difference to noise-only is a gain), with the same pairing.
+A causal LM (``fit_study(..., task="causal_lm")``, token data, or a ``task: causal_lm`` recipe
+such as ``licenses-llama``) is measured by perplexity instead (lower is better: a negative
+difference to noise-only is a gain), with the same pairing.
+
+On a chip (``hardware=`` with ``times=``, ``--hardware`` / ``--times``, for ``run_study`` and
+``fit_study`` alike): every model is also measured on ``draws`` chips of that hardware model per
+seed at each time (chips ``s`` again, the same for every model of seed ``s``), in tables 3 and 4
+(per time, and the paired differences), ``chip_accuracies.csv`` and ``chip.png``; the hardware
+model and the times are saved in ``study.json`` and a resume must give the same.
 
 The interval. A cell's data are ``d[s][k] = acc(method, s, chip k) - acc(noise, s, chip k)``.
 The draws within a seed share the seed's two trained models, so they are not independent
