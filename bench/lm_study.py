@@ -4,7 +4,9 @@
 A byte-level tiny Llama (vocabulary 256) is trained clean as the teacher; then, from it, the
 noise-only, KD and consistency students over several seeds, every model measured by perplexity
 over the same simulated chips (``fastnoise.train.fit_study``); the tables go to stdout and to
-``OUT/tables.md``.
+``OUT/tables.md``. The data and the model are those of the ``licenses-llama`` recipe
+(``fastnoise.train.data.license_sequences``, ``fastnoise.train.models.tiny_llama``), which
+``fastnoise train / eval / study --recipe licenses-llama`` run from the command line.
 
     python bench/lm_study.py [OUT] [--seeds 0 1 2] [--epochs 2]
     python bench/lm_study.py OUT2 --teacher-weights OUT/teacher/model.pth --epochs 1
@@ -17,26 +19,10 @@ clean teacher) every student starts from that teacher, as in Noisy Machines.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import time
 
 import torch
-
-LICENSES = "/usr/share/common-licenses"  # Debian's base-files package
-
-
-def license_sequences(length: int = 64, root: str = LICENSES) -> tuple[list, list]:
-    """Byte sequences of ``length`` cut from the license files (sorted by name, links skipped),
-    every 10th into the validation set."""
-    files = sorted(p for p in glob.glob(os.path.join(root, "*"))
-                   if os.path.isfile(p) and not os.path.islink(p))
-    if not files:
-        raise SystemExit(f"no license texts in {root} (Debian's base-files package ships them)")
-    data = b"".join(open(p, "rb").read() for p in files)
-    ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-    seqs = list(ids[: len(ids) // length * length].view(-1, length))
-    return [s for i, s in enumerate(seqs) if i % 10], [s for i, s in enumerate(seqs) if i % 10 == 0]
 
 
 def main() -> None:
@@ -44,6 +30,8 @@ def main() -> None:
 
     from fastnoise import NoiseSpec
     from fastnoise.train import fit_study
+    from fastnoise.train.data import BYTE_VOCAB, license_sequences
+    from fastnoise.train.models import tiny_llama
 
     p = argparse.ArgumentParser()
     p.add_argument("out", nargs="?", default="runs/lm-study")
@@ -56,12 +44,10 @@ def main() -> None:
                    help="a clean teacher's model.pth: every student starts from it")
     a = p.parse_args()
     transformers.utils.logging.set_verbosity_error()
-    train, val = license_sequences()
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    train, val = license_sequences()  # the licenses recipe's data (fastnoise.train.data)
 
     def build():
-        return transformers.LlamaForCausalLM(cfg)
+        return tiny_llama(BYTE_VOCAB)  # the recipe's model.arch=tiny_llama
 
     start, teacher, teacher_epochs = build, None, a.teacher_epochs
     if a.teacher_weights is not None:

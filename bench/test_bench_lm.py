@@ -1,6 +1,8 @@
 """A Llama-style decoder train step on the CPU (one thread): fastnoise against the naive noisy
-layer (``W + sigma * randn_like(W)`` in every call) and the clean model, in one session: time
-(median) and live peak memory of one step, with ratios in ``extra_info``.
+layer (``W + sigma * randn_like(W)`` in every call), aihwkit-lightning's torch path
+(``convert_to_analog`` with the equivalent ``TorchInferenceRPUConfig``: ``AddNormal`` weight noise
+of the same std, no tile stages; skipped where it is not installed) and the clean model, in one
+session: time (median) and live peak memory of one step, with ratios in ``extra_info``.
 
 The issue's targets: time at most naive's, peak memory at most clean + 10%. The default size is
 4 decoder layers x 512 wide, sequence 256, batch 1, vocabulary 2048 (``FASTNOISE_BENCH_LM=small``:
@@ -9,7 +11,9 @@ The issue's targets: time at most naive's, peak memory at most clean + 10%. The 
     python -m pytest bench/test_bench_lm.py --benchmark-columns=median,iqr,rounds
 """
 
+import contextlib
 import copy
+import io
 import os
 
 import pytest
@@ -26,7 +30,8 @@ transformers = pytest.importorskip("transformers")
 
 ETA = 0.05
 SPEC = fastnoise.NoiseSpec(ETA, "absmax")
-PROVIDERS = ["clean", "naive", "fastnoise"]
+PROVIDERS = ["clean", "naive", "aihwkit", "fastnoise"]
+BASES = ("clean", "naive", "aihwkit")
 MEDIANS = Medians()
 PEAKS: dict = {}
 SMALL = os.environ.get("FASTNOISE_BENCH_LM") == "small"
@@ -43,8 +48,27 @@ def _llama():
     return transformers.LlamaForCausalLM(cfg)
 
 
+def _aihwkit_config():
+    """aihwkit-lightning's config of SPEC's noise (its torch path: AIHWKIT_TESTING), checked to be
+    the same chip through fastnoise.from_aihwkit_lightning: weight noise only, no tile stages."""
+    os.environ.setdefault("AIHWKIT_TESTING", "1")
+    with contextlib.redirect_stdout(io.StringIO()):
+        pytest.importorskip("aihwkit_lightning.nn")
+        from aihwkit_lightning.nn.conversion import convert_to_analog
+        from aihwkit_lightning.simulator.configs import TorchInferenceRPUConfig, WeightNoiseInjectionType
+    c = TorchInferenceRPUConfig()
+    c.modifier.noise_type, c.modifier.std_dev = WeightNoiseInjectionType.ADD_NORMAL, ETA
+    # no tile stage: one tile, no DAC / ADC / output noise / clipping / input range
+    assert fastnoise.from_aihwkit_lightning(c) == (SPEC, fastnoise.TileSpec(input_range=False))
+    return convert_to_analog, c
+
+
 def _as(provider, model):
     model = copy.deepcopy(model)
+    if provider == "aihwkit":
+        convert_to_analog, cfg = _aihwkit_config()
+        with contextlib.redirect_stdout(io.StringIO()):
+            return convert_to_analog(model, cfg).train()
     if provider == "naive":
         for m in model.modules():
             if type(m) is torch.nn.Linear:
@@ -72,7 +96,7 @@ def test_llama_decoder_train_step(benchmark, provider):
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     benchmark.extra_info["peak_bytes"] = peak
     PEAKS[provider] = peak
-    for base in ("clean", "naive"):
+    for base in BASES:
         if base in PEAKS and base != provider:
             benchmark.extra_info[f"peak_ratio_vs_{base}"] = round(peak / PEAKS[base], 3)
-    MEDIANS.record(benchmark, ("llama", "train"), provider)
+    MEDIANS.record(benchmark, ("llama", "train"), provider, bases=BASES)

@@ -10,7 +10,9 @@
 ``study`` trains one clean teacher, then a clean, a noise, a KD + noise and a consistency student
 from it per seed, measures every model on the same simulated chips at each eta and prints
 top-1 mean ± std per cell and each method's paired difference to noise-only with a 95%
-confidence interval (:mod:`fastnoise.train.study`).
+confidence interval (:mod:`fastnoise.train.study`). A ``task: causal_lm`` recipe (the shipped
+``licenses-llama``: a byte-level tiny Llama on Debian's license texts) trains, evaluates and studies
+a causal language model the same way, in perplexity.
 
 Overrides are ``key=value`` pairs with dotted keys (``optim.lr=0.05``, ``noise.exclude=[fc]``),
 typed by YAML parsing; an unknown key is an error. Under ``torchrun`` (``torchrun
@@ -189,9 +191,9 @@ def _cmd_eval(args) -> int:
     from .train import distributed
     from .train import runfolder as rf
     from .train.data import build_data, eval_loader
+    from .train.kinds import kind_for
     from .train.models import CLASSIFIER, CONVNETS, build_model
     from .train.recipes import ConfigError, resolve
-    from .train.trainer import check_model_fits
 
     if args.run is not None:
         cfg = _run_config(args.run, args.data, args.overrides, "{!r} is not a run folder: no config.yaml")
@@ -236,9 +238,7 @@ def _cmd_eval(args) -> int:
     torch.manual_seed(cfg["seed"])
     rng.manual_seed(cfg["seed"])
     arch = cfg["model"]["arch"]
-    if len(data.val) == 0:
-        raise ConfigError(f"the {cfg['data']['dataset']} data has no validation samples")
-    check_model_fits(arch, data.num_classes, data.val[0][0], data=f"the {cfg['data']['dataset']} data")
+    kind_for(cfg["task"]).check_built(cfg, data)  # the model takes the data (a classifier or a causal LM)
     model = build_model(arch, data.num_classes)
     ckpt.load_weights(model, weights, "weights", arch, CLASSIFIER[arch], data.num_classes)
     n = cfg["noise"]
@@ -257,7 +257,8 @@ def _cmd_eval(args) -> int:
         dtype = torch.bfloat16
     result = evaluate_robustness(model, loader, etas, draws, device=info.device, name=cfg["name"],
                                  progress=not args.no_progress and info.is_main, autocast_dtype=dtype,
-                                 distributed=info.distributed, channels_last=cl, seed=cfg["seed"], **chip)
+                                 distributed=info.distributed, channels_last=cl, seed=cfg["seed"],
+                                 task=cfg["task"], **chip)
     if info.is_main:
         try:
             os.makedirs(out, exist_ok=True)

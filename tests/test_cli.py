@@ -69,7 +69,7 @@ def test_recipes_command(capsys):
     assert capsys.readouterr().out.split() == ["cifar-resnet32-consistency", "cifar-resnet32-kd", "digits",
                                                "fashion-mnist-consistency", "fashion-mnist-kd",
                                                "fashion-mnist-noise", "imagenet-resnet50-consistency",
-                                               "imagenet-resnet50-kd"]
+                                               "imagenet-resnet50-kd", "licenses-llama"]
 
 
 def test_argument_errors(capsys):

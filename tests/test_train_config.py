@@ -20,7 +20,8 @@ from fastnoise.train.recipes import (
 from fastnoise.train.trainer import lr_factor
 
 SHIPPED = ["cifar-resnet32-consistency", "cifar-resnet32-kd", "digits", "fashion-mnist-consistency",
-           "fashion-mnist-kd", "fashion-mnist-noise", "imagenet-resnet50-consistency", "imagenet-resnet50-kd"]
+           "fashion-mnist-kd", "fashion-mnist-noise", "imagenet-resnet50-consistency", "imagenet-resnet50-kd",
+           "licenses-llama"]
 
 
 def test_shipped_recipes_load_and_validate():

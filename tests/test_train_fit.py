@@ -302,3 +302,55 @@ def test_fit_study_on_a_model_to_copy_and_a_given_teacher(tmp_path):
     with pytest.raises(ConfigError, match="seed is set by the study"):
         _study(str(tmp_path / "t"), model, teacher=teacher, seed=3)
     assert not os.path.exists(tmp_path / "t")
+
+
+def test_fit_study_on_chips_over_time(tmp_path):
+    """hardware=: every model also on the chips of its seed at each time, the same chips as
+    evaluate_robustness(..., seed=s) gives it; the chip tables, CSV and plot are written, the
+    settings saved and checked on resume; bad input is one error before anything is written."""
+    from fastnoise.train.study import MARKER
+
+    out = str(tmp_path / "s")
+    teacher = make_teacher()
+    times = [1.0, 86400.0]
+    st = _study(out, make_model(), teacher=teacher, methods=("noise", "kd"), hardware="pcm", times=times)
+    chip = st.chip
+    assert chip is not None and chip.etas == times and chip.models == ["teacher", "noise", "kd"]
+    assert "pcm chips over time" in st.tables and "| t (s) | teacher | noise | kd |" in st.tables
+    assert "| t (s) | kd - noise |" in st.tables and "| 86400 |" in st.tables
+    rows = _rows(os.path.join(out, "chip_accuracies.csv"))
+    assert len(rows) == 3 * 2 * 2 * 2 and set(rows[0]) == {"model", "seed", "chips", "t", "draw", "top1"}
+    assert os.path.getsize(os.path.join(out, "chip.png")) > 0
+    with open(os.path.join(out, MARKER)) as f:
+        assert json.load(f)["hardware"]["times"] == times
+    # the pairing: each model of seed s met chips s, whatever the model (the teacher and a student
+    # measured again here, alone, on chips s)
+    _, val = make_data()
+    loader = DataLoader(val, batch_size=256)
+    for name, s in (("teacher", 1), ("noise", 0), ("kd", 1)):
+        if name == "teacher":
+            m = fastnoise.convert(make_teacher(), SETTINGS["spec"])
+        else:
+            m = fastnoise.convert(make_model(), SETTINGS["spec"])
+            m.load_state_dict(torch.load(os.path.join(out, f"seed{s}", name, "model.pth"), weights_only=True))
+        alone = fastnoise.evaluate_robustness(m, loader, hardware=fastnoise.PCM(), times=times, draws=2,
+                                              seed=s, progress=False)
+        assert alone.accuracies == chip.results[(name, s)].accuracies, name
+    assert chip.results[("teacher", 0)].accuracies != chip.results[("teacher", 1)].accuracies  # new chips
+    # resumed: read back, the same tables; other times are refused
+    again = _study(out, make_model(), teacher=teacher, methods=("noise", "kd"), hardware="pcm", times=times,
+                   resume=True)
+    assert again.tables == st.tables
+    with pytest.raises(ConfigError, match="its hardware differ"):
+        _study(out, make_model(), teacher=teacher, methods=("noise", "kd"), hardware="pcm", times=[1.0],
+               resume=True)
+    with pytest.raises(ConfigError, match="its hardware differ"):  # without hardware
+        _study(out, make_model(), teacher=teacher, methods=("noise", "kd"), resume=True)
+    for kw, match in (({"times": [5.0]}, "give hardware too"),
+                      ({"hardware": "pcm", "times": [1.0, -1.0]}, "got -1.0"),
+                      ({"hardware": "rram"}, "unknown hardware model 'rram'"),
+                      ({"hardware": "pcm", "times": []}, "times is empty"),
+                      ({"hardware": 3}, "hardware must be a hardware model or its name, got 3")):
+        with pytest.raises(ConfigError, match=match):
+            _study(str(tmp_path / "bad"), make_model(), teacher=teacher, methods=("noise", "kd"), **kw)
+        assert not os.path.exists(tmp_path / "bad")

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _lm_models import VOCAB, BigramLM, padded, tiny_gpt2, tiny_llama, token_data
+from torch.utils.data import DataLoader
 
 import fastnoise
 from fastnoise import NoiseSpec, evaluate_robustness
@@ -197,6 +198,47 @@ def test_same_chips_by_seed():
     assert len(set(a.accuracies[1])) == 3  # three different chips
 
 
+def test_perplexity_over_time_on_pcm_chips_is_the_reference_chips():
+    """evaluate_robustness(lm, hardware=PCM(), times=, task="causal_lm"): chip k at time t is the
+    model with every noisy weight replaced by PCM.effective_weight (the pure-PyTorch reference) of
+    key (seed, qualified name), chip k, read b for batch b; the same seed gives the same perplexities."""
+    from fastnoise.modules import _DRAW_TAG
+
+    model = tiny_llama()
+    clean = copy.deepcopy(model)
+    fastnoise.convert(model, SPEC)
+    data = [torch.stack(token_data(8)), torch.stack(token_data(8, seed=3))]
+    times, pcm = [0.0, 86400.0, 3.15e7], fastnoise.PCM()
+    r = evaluate_robustness(model, data, hardware=pcm, times=times, draws=2, seed=4, task="causal_lm",
+                            progress=False)
+    assert r.metric == "perplexity" and r.times == times and r.extra["hardware"] == "pcm"
+    assert r.samples == 2 * 8 * 11 and len(r.extra["accuracy"][0]) == 2
+    assert all(math.isfinite(p) and p > 1 for a in r.accuracies for p in a)
+    again = evaluate_robustness(copy.deepcopy(model), data, hardware="pcm", times=times, draws=2, seed=4,
+                                progress=False)  # the task read from the batches
+    assert again.accuracies == r.accuracies
+    other = evaluate_robustness(model, data, hardware=pcm, times=times, draws=2, seed=5, progress=False)
+    assert other.accuracies != r.accuracies
+    with torch.no_grad():
+        nll0, tokens0, _ = (float(v) for v in fastnoise.lm.token_stats(
+            torch.cat([clean(b).logits for b in data]), torch.cat([b[:, 1:] for b in data])))
+    for i, t in enumerate(times):
+        for k in range(2):
+            logits = []
+            for read, batch in enumerate(data):  # each forward is a fresh read of the same chip
+                chip = copy.deepcopy(clean)
+                with torch.no_grad():
+                    for name, layer in chip.named_modules():
+                        if isinstance(layer, torch.nn.Linear):
+                            key = fastnoise.rng.mix64(4, fastnoise.rng.key_id(name), _DRAW_TAG)
+                            layer.weight.copy_(pcm.effective_weight(layer.weight, key, k, t, read))
+                    logits.append(chip(batch).logits)
+            nll, tokens, _ = fastnoise.lm.token_stats(torch.cat(logits), torch.cat([b[:, 1:] for b in data]))
+            want = fastnoise.lm.perplexity(float(nll), float(tokens))
+            assert r.accuracies[i][k] == pytest.approx(want, rel=1e-5), (t, k)
+            assert want != pytest.approx(fastnoise.lm.perplexity(nll0, tokens0), rel=1e-6)  # the chip shows
+
+
 def _refused(tmp_path, match, model=None, train=None, val=None, **kw):
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=match):
@@ -225,12 +267,14 @@ def test_bad_input_is_one_clear_error_before_anything_is_written(tmp_path):
 
 
 def test_fit_study_of_a_causal_lm(tmp_path):
+    """Perplexity under Gaussian noise and (hardware=) on PCM chips over time, paired by seed."""
     from fastnoise.train import fit_study
 
     out = str(tmp_path / "study")
     teacher = tiny_llama(seed=7)
+    times = [1.0, 86400.0]
     study = fit_study(tiny_llama, token_data(32), token_data(8, seed=2), teacher=teacher, seeds=(0, 1),
-                      methods=("noise", "kd"), method={"top_k": 8},
+                      methods=("noise", "kd"), method={"top_k": 8}, hardware="pcm", times=times,
                       draws=2, epochs=1, batch_size=8, out=out, messages=lambda m: None, **SETTINGS)
     assert "perplexity on 88 held-out tokens" in study.tables and "lower is better" in study.tables
     assert all(r.metric == "perplexity" for r in study.results.values())
@@ -238,9 +282,22 @@ def test_fit_study_of_a_causal_lm(tmp_path):
         assert f.readline().strip().endswith(",perplexity")
     d = study.difference("kd", 2)
     assert math.isfinite(d["mean"]) and d["low"] <= d["mean"] <= d["high"]
+    # the chip table: perplexity per time, every model on the chips of its seed
+    assert "pcm chips over time" in study.tables and "perplexity at t seconds" in study.tables
+    assert "| t (s) | teacher | noise | kd |" in study.tables and "| t (s) | kd - noise |" in study.tables
+    chip = study.chip
+    assert all(r.metric == "perplexity" and r.etas == times for r in chip.results.values())
+    assert all(math.isfinite(p) for r in chip.results.values() for a in r.accuracies for p in a)
+    rows = _rows(os.path.join(out, "chip_accuracies.csv"))
+    assert len(rows) == 3 * 2 * 2 * 2 and "perplexity" in rows[0]
+    teacher_chips = copy.deepcopy(teacher)
+    fastnoise.convert(teacher_chips, SPEC)
+    alone = evaluate_robustness(teacher_chips, DataLoader(token_data(8, seed=2), batch_size=8),
+                                hardware="pcm", times=times, draws=2, seed=1, progress=False)
+    assert alone.accuracies == chip.results[("teacher", 1)].accuracies  # chips 1 are the seed's
     # resumed: every evaluation read back, the same tables
     again = fit_study(tiny_llama, token_data(32), token_data(8, seed=2), teacher=teacher, seeds=(0, 1),
-                      methods=("noise", "kd"), method={"top_k": 8},
+                      methods=("noise", "kd"), method={"top_k": 8}, hardware="pcm", times=times,
                       draws=2, epochs=1, batch_size=8, out=out, resume=True, messages=lambda m: None,
                       **SETTINGS)
     assert again.tables == study.tables

@@ -16,10 +16,15 @@ Datasets (``data.dataset``):
   layout) with the usual ImageNet augmentation (random resized crop + flip; resize + centre
   crop for validation). An image that cannot be read is an error naming the file, or, with
   ``data.skip_unreadable=true``, replaced by the next readable sample and reported on stderr.
+- ``licenses`` (``task: causal_lm``): token data for a causal language model, the license texts
+  of Debian's ``base-files`` package (``/usr/share/common-licenses``, ~250 KB of English; or the
+  files of ``data.root``) read as bytes (token ids 0-255, a vocabulary of 256) and cut into
+  sequences of :data:`LICENSE_SEQUENCE` bytes, every 10th into the validation set
+  (:func:`license_sequences`).
 - ``module.path:function`` (any name with a colon): the user's own data, see
   :func:`build_data` for the protocol.
 
-Every dataset must have at least two classes.
+Every dataset must have at least two classes (for token data: a vocabulary of two or more).
 
 Data order: epoch ``e`` visits the training set in ``randperm(n)`` drawn from a generator seeded
 with ``(seed, e)``; step ``s`` takes the global batch ``perm[s*B:(s+1)*B]`` and rank ``r`` of
@@ -31,6 +36,7 @@ nor an interruption changes what a step sees: a resumed run starts at the step i
 from __future__ import annotations
 
 import copy
+import glob
 import gzip
 import math
 import os
@@ -49,7 +55,8 @@ from .importpath import import_object, is_import_path
 __all__ = ["DataBundle", "build_data", "EpochBatchSampler", "SeededSamples", "train_loader",
            "eval_loader", "DigitsDataset", "CifarDataset", "FashionMNISTDataset", "CIFAR_FILES",
            "FASHION_FILES", "FASHION_DEBIAN_ROOT", "DATASETS", "read_idx", "sample_seed", "load_image",
-           "SkipUnreadable", "UnreadableFileError"]
+           "SkipUnreadable", "UnreadableFileError", "LICENSES_ROOT", "LICENSE_SEQUENCE", "BYTE_VOCAB",
+           "LM_DATASETS", "license_sequences"]
 
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -258,6 +265,35 @@ def _digits(cfg) -> DataBundle:
     return DataBundle(train, val, 10, train.classes)
 
 
+LICENSES_ROOT = "/usr/share/common-licenses"  # Debian's base-files package
+LICENSE_SEQUENCE = 64  # bytes per sequence (the tiny_llama model's positions)
+BYTE_VOCAB = 256
+
+
+def license_sequences(length: int = LICENSE_SEQUENCE, root: str = LICENSES_ROOT) -> tuple[list, list]:
+    """Byte sequences (LongTensors ``[length]``, ids 0-255) cut from the files of ``root`` (sorted by
+    name, links and folders skipped) read one after another; every 10th sequence goes to the
+    validation set. Raises :class:`ConfigError` when ``root`` holds too little text."""
+    if not os.path.isdir(root):
+        raise ConfigError(f"the license texts are not at {root!r}: Debian's base-files package ships them in "
+                          f"{LICENSES_ROOT}; data.root (--data) names another folder of text files")
+    files = sorted(p for p in glob.glob(os.path.join(root, "*"))
+                   if os.path.isfile(p) and not os.path.islink(p))
+    data = b"".join(open(p, "rb").read() for p in files)
+    ids = (torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if data
+           else torch.zeros(0, dtype=torch.long))
+    seqs = list(ids[: len(ids) // length * length].view(-1, length))
+    if len(seqs) < 2:
+        raise ConfigError(f"{root!r} holds {len(data)} bytes of text in {len(files)} file(s): at least "
+                          f"{2 * length} are needed (two sequences of {length}: to train and to validate)")
+    return [s for i, s in enumerate(seqs) if i % 10], [s for i, s in enumerate(seqs) if i % 10 == 0]
+
+
+def _licenses(cfg) -> DataBundle:
+    train, val = license_sequences(LICENSE_SEQUENCE, cfg["data"]["root"] or LICENSES_ROOT)
+    return DataBundle(train, val, BYTE_VOCAB, [])
+
+
 def _require_root(cfg) -> str:
     root = cfg["data"]["root"]
     if root is None:
@@ -384,8 +420,9 @@ class SkipUnreadable(Dataset):
 
 
 _BUILDERS = {"digits": _digits, "cifar10": _cifar, "fashion_mnist": _fashion_mnist,
-             "imagefolder": _imagefolder}
+             "imagefolder": _imagefolder, "licenses": _licenses}
 DATASETS = tuple(sorted(_BUILDERS))  # the built-in names of data.dataset
+LM_DATASETS = frozenset({"licenses"})  # those of token ids (task: causal_lm)
 
 def _is_map_dataset(ds) -> bool:
     return (not isinstance(ds, torch.utils.data.IterableDataset) and hasattr(ds, "__len__")

@@ -18,6 +18,7 @@ from torch import nn
 from ..robustness import TargetError, evaluate_robustness, first_bad_target
 from . import runfolder as rf
 from .errors import ConfigError
+from .models import build_model
 from .tasks import (
     ClassificationTask,
     ConsistencyTask,
@@ -28,7 +29,7 @@ from .tasks import (
     eval_mode,
 )
 
-__all__ = ["ClassifierKind", "kind_for", "first_sample"]
+__all__ = ["ClassifierKind", "kind_for", "first_sample", "check_model_fits"]
 
 
 def _known_labels(data):
@@ -83,11 +84,51 @@ def first_sample(data):
         return None
 
 
+def check_model_fits(arch: str, num_classes: int, sample: torch.Tensor, layers=(), what: str = "model.arch",
+                     data: str = "the data") -> None:
+    """Run a batch of ``sample``'s shape through ``arch`` built on the meta device (no memory, no
+    computation) and capture ``layers`` as consistency would: an architecture that does not fit
+    the data is a :class:`ConfigError` before anything is written, not a traceback at step 1."""
+    with torch.device("meta"):
+        model = build_model(arch, num_classes)
+    model.eval()
+    x = torch.empty((2, *sample.shape), dtype=sample.dtype, device="meta")
+    capture = FeatureCapture(model, layers) if layers else None
+    try:
+        with torch.no_grad(), capture.recording() if capture is not None else contextlib.nullcontext():
+            out = model(x)
+    except NotImplementedError:  # an op without a meta kernel: nothing can be said here
+        return
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ConfigError(f"{what}={arch} does not fit {data} (inputs of shape {list(sample.shape)}): "
+                          f"{rf.first_line(e)}") from None
+    finally:
+        if capture is not None:
+            capture.remove()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{what}={arch} gives outputs of shape {got} for {data}, "
+                          f"not [batch, {num_classes}]")
+
+
 class ClassifierKind:
     """Classifiers: ``(input tensor, integer label)`` samples, cross-entropy, top-1."""
 
     name = "classification"
     initial_best = -1.0
+    classes = "classes"  # what data.num_classes counts
+
+    def check_built(self, cfg: dict, data, layers=(), teacher_arch: Optional[str] = None) -> None:
+        """A recipe's model (and a teacher of another ``teacher_arch``) take its data: a batch of
+        the first validation sample's shape through each, built on the meta device (``layers``
+        captured as consistency would)."""
+        if len(data.val) == 0:
+            raise ConfigError(f"the {cfg['data']['dataset']} data has no validation samples")
+        sample = data.val[0][0]
+        what = f"the {cfg['data']['dataset']} data"
+        check_model_fits(cfg["model"]["arch"], data.num_classes, sample, layers, data=what)
+        if teacher_arch is not None:
+            check_model_fits(teacher_arch, data.num_classes, sample, what="teacher.arch", data=what)
 
     def check_given(self, trainer) -> tuple:
         """One batch of two validation samples through the model (and teacher) in eval mode,

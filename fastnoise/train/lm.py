@@ -302,6 +302,20 @@ class CausalLMKind:
 
     name = "causal_lm"
     initial_best = -math.inf  # scores are minus perplexities
+    classes = "tokens in the vocabulary"  # what data.num_classes counts
+
+    def check_built(self, cfg: dict, data, layers=(), teacher_arch: Optional[str] = None) -> None:
+        """A recipe's causal LM (and a teacher of another ``teacher_arch``) take its token data:
+        :func:`check_given` on models built for real on the CPU (a model on the meta device has
+        no rotary frequencies), torch's RNG state put back."""
+        from .models import build_model
+
+        if len(data.val) == 0:
+            raise ConfigError(f"the {cfg['data']['dataset']} data has no validation sequences")
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(cfg["model"]["arch"], data.num_classes)
+            teacher = None if teacher_arch is None else build_model(teacher_arch, data.num_classes)
+        check_given(model, teacher, data.train, data.val)
 
     def check_given(self, trainer) -> tuple:
         g = trainer.given

@@ -8,6 +8,9 @@
 - ``digits_cnn``: a small convnet for the 8x8 scikit-learn digits (demo).
 - ``digits_mlp``: a tiny MLP on the same data, without BatchNorm (fast tests, DDP checks).
 - ``fashion_cnn``: a small convnet for 28x28 Fashion-MNIST (:class:`FashionCNN`).
+- ``tiny_llama`` (``task: causal_lm``): a byte-level tiny Llama (Hugging Face
+  ``LlamaForCausalLM`` from a config built in code: 2 decoder layers 64 wide, 4 heads, 64
+  positions; the vocabulary is the data's, 256 for ``licenses``); needs ``transformers``.
 - ``package.module:function`` (any name with a colon): the user's own builder, called as
   ``function(num_classes)`` and returning an ``nn.Module``.
 
@@ -38,8 +41,8 @@ from torch import nn
 
 from .importpath import import_object, is_import_path
 
-__all__ = ["ARCHS", "CLASSIFIER", "CONVNETS", "build_model", "arch_builder", "ResNetCifar", "DigitsCNN",
-           "DigitsMLP", "FashionCNN", "resnet32"]
+__all__ = ["ARCHS", "CLASSIFIER", "CONVNETS", "LM_ARCHS", "build_model", "build_to_load", "arch_builder",
+           "ResNetCifar", "DigitsCNN", "DigitsMLP", "FashionCNN", "resnet32", "tiny_llama"]
 
 
 class _ShortcutA(nn.Module):
@@ -170,15 +173,34 @@ def _resnet50(num_classes: int) -> nn.Module:
     return torchvision.models.resnet50(weights=None, num_classes=num_classes)
 
 
+def tiny_llama(num_classes: int = 256) -> nn.Module:
+    """A tiny Hugging Face ``LlamaForCausalLM`` with a vocabulary of ``num_classes`` tokens: 2 decoder
+    layers 64 wide (MLP 192), 4 attention heads (4 key-value heads), 64 positions (bench/lm_study.py's
+    byte-level model). Raises ConfigError naming the package when ``transformers`` is missing."""
+    try:
+        import transformers
+    except ImportError as e:
+        from .errors import ConfigError
+
+        raise ConfigError(f"model.arch=tiny_llama needs the transformers package (pip install transformers): "
+                          f"{e}") from None
+    cfg = transformers.LlamaConfig(vocab_size=num_classes, hidden_size=64, intermediate_size=192,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                   max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
 ARCHS: dict[str, Callable[[int], nn.Module]] = {
     "digits_mlp": lambda c: DigitsMLP(c),
     "digits_cnn": lambda c: DigitsCNN(c),
     "fashion_cnn": lambda c: FashionCNN(c),
     "resnet32": resnet32,
     "resnet50": _resnet50,
+    "tiny_llama": tiny_llama,
 }
+LM_ARCHS = frozenset({"tiny_llama"})  # causal LMs (task: causal_lm): num_classes is the vocabulary
 _CLASSIFIER = {"digits_mlp": "fc", "digits_cnn": "fc", "fashion_cnn": "fc", "resnet32": "fc",
-               "resnet50": "fc"}
+               "resnet50": "fc", "tiny_llama": "lm_head"}
 _CONVNETS = frozenset({"digits_cnn", "fashion_cnn", "resnet32", "resnet50"})
 _PROBE_CLASSES = 10  # the class count an import-path builder is probed with
 
@@ -288,3 +310,17 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     if is_import_path(arch):
         return _call_builder(arch, build, num_classes)
     return build(num_classes)
+
+
+def build_to_load(arch: str, num_classes: int) -> tuple[nn.Module, bool]:
+    """``arch`` to load a weight file into, and whether to load it with ``assign=True``: built on the
+    meta device (no memory, no initialisation, torch's RNG untouched) unless the model holds buffers
+    its ``state_dict`` lacks (non-persistent ones, such as a rotary embedding's frequencies, which no
+    file fills): then built for real, with torch's RNG state put back."""
+    with torch.device("meta"):
+        model = build_model(arch, num_classes)
+    saved = set(model.state_dict())
+    if all(name in saved for name, _ in model.named_buffers()):
+        return model, True
+    with torch.random.fork_rng(devices=[]):
+        return build_model(arch, num_classes), False

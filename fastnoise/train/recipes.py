@@ -286,10 +286,7 @@ def validate(cfg: dict) -> dict:
 
     _num(cfg, "seed", 0, integer=True)
     _choice(cfg, "task", ["classification", "causal_lm"])
-    recipe_built = cfg["model"]["arch"] is not None or cfg["data"]["dataset"] is not None
-    if cfg["task"] == "causal_lm" and recipe_built:
-        raise ConfigError("task=causal_lm trains a given model on given token data (fastnoise.train.fit): "
-                          "model.arch and data.dataset must be null")
+    _check_task_fits(cfg)
     _num(cfg, "method.top_k", 1, integer=True, allow_none=True)
     if cfg["method"]["top_k"] is not None and cfg["task"] != "causal_lm":
         raise ConfigError("method.top_k is for causal LMs (the teacher's top-k logits per token)")
@@ -354,6 +351,30 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"model.init must be null, 'teacher' or a file path, got {init!r}")
     _validate_more(cfg)
     return cfg
+
+
+def _check_task_fits(cfg: dict) -> None:
+    """A causal LM's recipe names a language model and token data (both built in or import paths),
+    or neither (fit's given model and data); a classifier's names no language model or token data."""
+    from .data import LM_DATASETS
+    from .importpath import is_import_path
+    from .models import LM_ARCHS
+
+    arch, dataset = cfg["model"]["arch"], cfg["data"]["dataset"]
+    lm = cfg["task"] == "causal_lm"
+    if lm and (arch is None) != (dataset is None):
+        raise ConfigError(f"task=causal_lm: set both model.arch and data.dataset (a recipe's language model "
+                          f"and token data, e.g. tiny_llama and licenses) or neither (fastnoise.train.fit's "
+                          f"given model and data), got model.arch={arch!r}, data.dataset={dataset!r}")
+    for key, value, names, what in (("model.arch", arch, LM_ARCHS, "a causal language model"),
+                                    ("data.dataset", dataset, LM_DATASETS, "token data")):
+        if not isinstance(value, str) or is_import_path(value):
+            continue
+        if lm and value not in names:
+            raise ConfigError(f"{key}={value!r} is a classifier's: task=causal_lm takes {what} "
+                              f"({', '.join(sorted(names))} or an import path package.module:function)")
+        if not lm and value in names:
+            raise ConfigError(f"{key}={value!r} is {what}: set task=causal_lm")
 
 
 SEED_MAX = 2**63 - 1  # torch's generators and the data order take seeds up to this

@@ -19,8 +19,15 @@ Table 1: top-1 mean ± std per model and eta over all seeds and chips (the std h
 seed-to-seed and the chip-to-chip spread). Table 2: for each method, the paired difference to
 noise-only, ``mean [95% CI]`` in points of top-1, from :func:`paired_difference`.
 
-A causal LM (``fit_study(..., task="causal_lm")`` or token data) is measured by perplexity
-instead (lower is better: a negative difference to noise-only is a gain), with the same pairing.
+A causal LM (``fit_study(..., task="causal_lm")``, token data, or a ``task: causal_lm`` recipe
+such as ``licenses-llama``) is measured by perplexity instead (lower is better: a negative
+difference to noise-only is a gain), with the same pairing.
+
+On a chip (``hardware=`` with ``times=``, ``--hardware`` / ``--times``, for ``run_study`` and
+``fit_study`` alike): every model is also measured on ``draws`` chips of that hardware model per
+seed at each time (chips ``s`` again, the same for every model of seed ``s``), in tables 3 and 4
+(per time, and the paired differences), ``chip_accuracies.csv`` and ``chip.png``; the hardware
+model and the times are saved in ``study.json`` and a resume must give the same.
 
 The interval. A cell's data are ``d[s][k] = acc(method, s, chip k) - acc(noise, s, chip k)``.
 The draws within a seed share the seed's two trained models, so they are not independent
@@ -274,9 +281,13 @@ def _check_etas(etas, eta: float, flag: str) -> list:
     return etas
 
 
-def _settings(cfg, seeds, etas, draws, methods) -> dict:
-    return {"version": STUDY_VERSION, "seeds": seeds, "etas": etas, "draws": draws, "methods": methods,
-            "config": cfg}
+def _settings(cfg, seeds, etas, draws, methods, chip=None) -> dict:
+    """What OUT/study.json holds and a resume must match (``chip``: from :func:`_check_chip`)."""
+    settings = {"version": STUDY_VERSION, "seeds": seeds, "etas": etas, "draws": draws, "methods": methods,
+                "config": cfg}
+    if chip is not None:
+        settings["hardware"] = {"model": repr(chip[0]), "times": chip[1]}
+    return settings
 
 
 def _check_out(out: str, settings: dict, resume: bool, python: bool = False) -> None:
@@ -451,6 +462,17 @@ def _measure(study: StudyResult, load: Callable, loader, dtype, dev, progress: b
         step(f"evaluated seed {s}")
 
 
+def _measure_all(study: StudyResult, load: Callable, loader, dtype, dev, progress: bool, step: Callable,
+                 task: Optional[str] = None, chip=None) -> None:
+    """:func:`_measure` under Gaussian noise, and with ``chip`` (from :func:`_check_chip`) the same
+    models on those chips at those times into ``study.chip``."""
+    loader = list(loader)
+    _measure(study, load, loader, dtype, dev, progress, step, task=task)
+    if chip is not None:
+        study.chip = StudyResult(study.out, chip[1], study.seeds, study.models, study.draws)
+        _measure(study.chip, load, loader, dtype, dev, progress, step, task=task, chip=chip)
+
+
 def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[Sequence[float]] = None,
               draws: int = DEFAULT_DRAWS, out: Optional[str] = None, methods: Sequence[str] = STUDY_METHODS,
               overrides: Sequence[str] = (), data_root: Optional[str] = None, resume: bool = False,
@@ -486,9 +508,7 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
         raise ConfigError("method.layers is empty: the consistency students need the module names "
                           "whose outputs they compare (e.g. method.layers=[conv1,fc1])")
     out = out or os.path.join("runs", f"study-{cfg['name']}")
-    settings = _settings(cfg, seeds, etas, draws, methods)
-    if chip is not None:
-        settings["hardware"] = {"model": repr(chip[0]), "times": chip[1]}
+    settings = _settings(cfg, seeds, etas, draws, methods, chip)
     _check_out(out, settings, resume)
     data = build_data(cfg)  # checked before anything is written (the Trainers check it again)
 
@@ -554,20 +574,25 @@ def run_study(recipe: str, *, seeds: Sequence[int] = (0, 1, 2), etas: Optional[S
             return _load_model(mcfg, weights, data.num_classes, dev)
 
         study = StudyResult(out, etas, seeds, ["teacher", *methods], draws)
-        _measure(study, load, loader, _amp_dtype(cfg, dev), dev, progress, step)
-        if chip is not None:
-            study.chip = StudyResult(out, chip[1], seeds, ["teacher", *methods], draws)
-            _measure(study.chip, load, loader, _amp_dtype(cfg, dev), dev, progress, step, chip=chip)
+        _measure_all(study, load, loader, _amp_dtype(cfg, dev), dev, progress, step, task=cfg["task"],
+                     chip=chip)
     finally:
         if bar is not None:
             bar.close()
 
-    samples = study.results[("teacher", seeds[0])].samples
-    header = (f"{cfg['name']}: top-1 (%) on {samples} held-out samples of {cfg['data']['dataset']}, "
+    header = (f"{cfg['name']}: {_measured(study, cfg['task'])} of {cfg['data']['dataset']}, "
               f"{cfg['model']['arch']}; students trained at eta={eta:g} ({cfg['noise']['scale']} scale) "
               f"from one clean teacher; mean ± std over {len(seeds)} seeds x {draws} chips per seed "
               f"(seeds {', '.join(map(str, seeds))})")
     return _finish(study, header, cfg, out, log)
+
+
+def _measured(study: StudyResult, task: Optional[str]) -> str:
+    """What the tables hold: ``top-1 (%) on N held-out samples`` or a causal LM's perplexity."""
+    samples = study.results[("teacher", study.seeds[0])].samples
+    if task == "causal_lm":
+        return f"perplexity on {samples} held-out tokens"
+    return f"top-1 (%) on {samples} held-out samples"
 
 
 def _finish(study: StudyResult, header: str, cfg: dict, out: str, log) -> StudyResult:
@@ -576,9 +601,10 @@ def _finish(study: StudyResult, header: str, cfg: dict, out: str, log) -> StudyR
     _write_outputs(study, cfg, os.path.join(out, "accuracies.csv"))
     if study.chip is not None:
         hw = study.chip.results[("teacher", study.seeds[0])].extra.get("hardware", "chip")
+        what = "perplexity" if _metric(study.chip) == "perplexity" else "top-1 (%)"
         study.tables += "\n\n" + format_tables(
             study.chip, f"The same models on {hw} chips over time (same chips for every model of a "
-            f"seed; {study.chip.draws} chips per seed): top-1 (%) at t seconds after programming",
+            f"seed; {study.chip.draws} chips per seed): {what} at t seconds after programming",
             axis="t (s)")
         _write_chip_outputs(study.chip, cfg, hw)
     rf.write_text(os.path.join(out, "tables.md"), study.tables + "\n")
@@ -627,13 +653,14 @@ def _write_chip_outputs(study: StudyResult, cfg: dict, hw: str) -> None:
     with rf.atomic_path(os.path.join(study.out, "chip_accuracies.csv")) as tmp, \
             open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["model", "seed", "chips", "t", "draw", "top1"])
+        w.writerow(["model", "seed", "chips", "t", "draw", _metric(study)])
         for (name, s), r in study.results.items():
             for t, accs in zip(r.etas, r.accuracies, strict=True):
                 for k, a in enumerate(accs):
                     w.writerow([name, s, s, t, k, a])
     pooled = {m: RobustnessResult(study.etas, [study.values(m, i) for i in range(len(study.etas))], name=m,
-                                  extra={"axis": "t", "hardware": hw}) for m in study.models}
+                                  extra={"axis": "t", "hardware": hw}, metric=_metric(study))
+              for m in study.models}
     with rf.atomic_path(os.path.join(study.out, "chip.png")) as tmp:
         plot_results(pooled, tmp, title=f"{cfg['name']} on {hw} chips: {len(study.seeds)} seeds x "
                                         f"{study.draws} chips")
@@ -647,7 +674,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
               method: Optional[dict] = None, spec: Optional[NoiseSpec] = None, epochs: int = 10,
               batch_size: Optional[int] = None, resume: bool = False, device=None,
               messages: Callable[[str], None] = print, task: Optional[str] = None,
-              **settings) -> StudyResult:
+              hardware=None, times: Optional[Sequence[float]] = None, **settings) -> StudyResult:
     """The study of :func:`run_study` on the user's own model and data, every run through
     :func:`fastnoise.train.fit`.
 
@@ -675,6 +702,11 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
         device: as :func:`fit`.
         messages: as :func:`fit`.
         task: as :func:`fit`; a causal LM's study measures perplexity (lower is better).
+        hardware: as :func:`run_study`: also measure every model (teacher and students) on chips
+            of this hardware model (``fastnoise.PCM()`` or ``"pcm"``), the same chips for every
+            model of a seed; the chip tables join ``tables``, with ``chip_accuracies.csv`` and
+            ``chip.png``, and the result's ``chip`` holds them.
+        times: the times on ``hardware`` (s after programming; default 1 s, 1 day, 1 year).
         **settings: as :func:`fit`, without ``seed`` (the study sets it).
         out: the study folder; ``resume=True`` continues one: the same model, teacher, data
             and settings must be given again. Checked: the settings, the model's structure
@@ -711,6 +743,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
                           "outputs they compare (method={'layers': [...]})")
     eta = float(cfg["noise"]["eta"])
     etas = _check_etas(etas, eta, "")
+    chip = _check_chip(hardware, times, "")
     spec = NoiseSpec(eta=eta, scale=cfg["noise"]["scale"], noise_bias=cfg["noise"]["noise_bias"])
     exclude = cfg["noise"]["exclude"] or None
 
@@ -727,7 +760,7 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
                               "students are converted with spec)")
         return m
 
-    study_settings = _settings(cfg, seeds, etas, draws, methods)
+    study_settings = _settings(cfg, seeds, etas, draws, methods, chip)
     study_settings["teacher"] = "given" if teacher is not None else {"epochs": teacher_epochs}
     study_settings["given"] = _given(fresh(seeds[0]), isinstance(model, torch.nn.Module), teacher,
                                      train_data, val_data)
@@ -791,11 +824,9 @@ def fit_study(model, train_data, val_data, *, teacher: Optional[torch.nn.Module]
         return m.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format), cl
 
     study = StudyResult(out, etas, seeds, ["teacher", *methods], draws)
-    _measure(study, load, loader, _amp_dtype(cfg, dev), dev, False, lambda msg: None, task=task)
-    samples = study.results[("teacher", seeds[0])].samples
-    what = f"perplexity on {samples} held-out tokens" if task == "causal_lm" else (
-        f"top-1 (%) on {samples} held-out samples")
-    header = (f"{cfg['name']}: {what}; students trained at "
+    _measure_all(study, load, loader, _amp_dtype(cfg, dev), dev, False, lambda msg: None, task=task,
+                 chip=chip)
+    header = (f"{cfg['name']}: {_measured(study, task)}; students trained at "
               f"eta={eta:g} ({cfg['noise']['scale']} scale) from one clean teacher; mean ± std over "
               f"{len(seeds)} seeds x {draws} chips per seed (seeds {', '.join(map(str, seeds))})")
     return _finish(study, header, cfg, out, messages)

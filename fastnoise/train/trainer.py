@@ -72,10 +72,9 @@ from . import distributed
 from . import runfolder as rf
 from .data import EpochBatchSampler, build_data, eval_loader, train_loader
 from .errors import ConfigError
-from .kinds import kind_for
-from .models import CLASSIFIER, CONVNETS, build_model
+from .kinds import check_model_fits, kind_for
+from .models import CLASSIFIER, CONVNETS, build_model, build_to_load
 from .recipes import load_config_file, validate
-from .tasks import FeatureCapture
 
 __all__ = ["Trainer", "TrainResult", "Given", "train", "RUN_FILES", "teacher_config", "lr_factor",
            "check_model_fits", "CHECKPOINT_VERSION"]
@@ -184,33 +183,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return 1.0
     progress = min(1.0, (step - warmup) / (total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def check_model_fits(arch: str, num_classes: int, sample: torch.Tensor, layers=(), what: str = "model.arch",
-                     data: str = "the data") -> None:
-    """Run a batch of ``sample``'s shape through ``arch`` built on the meta device (no memory, no
-    computation) and capture ``layers`` as consistency would: an architecture that does not fit
-    the data is a :class:`ConfigError` before anything is written, not a traceback at step 1."""
-    with torch.device("meta"):
-        model = build_model(arch, num_classes)
-    model.eval()
-    x = torch.empty((2, *sample.shape), dtype=sample.dtype, device="meta")
-    capture = FeatureCapture(model, layers) if layers else None
-    try:
-        with torch.no_grad(), capture.recording() if capture is not None else contextlib.nullcontext():
-            out = model(x)
-    except NotImplementedError:  # an op without a meta kernel: nothing can be said here
-        return
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        raise ConfigError(f"{what}={arch} does not fit {data} (inputs of shape {list(sample.shape)}): "
-                          f"{rf.first_line(e)}") from None
-    finally:
-        if capture is not None:
-            capture.remove()
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"{what}={arch} gives outputs of shape {got} for {data}, "
-                          f"not [batch, {num_classes}]")
 
 
 def teacher_config(cfg: dict) -> dict:
@@ -507,19 +479,13 @@ class Trainer:
                 known = [n for n in modules if n][:12]
                 raise ConfigError(f"method.layers: no module named {unknown[0]!r} in {arch} "
                                   f"(some names it has: {known})")
-        if len(data.val) == 0:
-            raise ConfigError(f"the {self.cfg['data']['dataset']} data has no validation samples")
-        sample = data.val[0][0]
-        what = f"the {self.cfg['data']['dataset']} data"
-        check_model_fits(arch, self.num_classes, sample, names, data=what)
-        if self._needs_teacher() and self._teacher_arch() != arch:
-            check_model_fits(self._teacher_arch(), self.num_classes, sample, what="teacher.arch", data=what)
+        teacher = self._teacher_arch() if self._needs_teacher() and self._teacher_arch() != arch else None
+        self.kind.check_built(self.cfg, data, names, teacher)
 
     def _load_teacher(self, path: str, num_classes: int) -> nn.Module:
         arch = self._teacher_arch()
-        with torch.device("meta"):  # no initialisation (and no use of torch's RNG): the file fills it
-            teacher = build_model(arch, num_classes)
-        ckpt.load_weights(teacher, path, "teacher", arch, CLASSIFIER[arch], num_classes, assign=True)
+        teacher, assign = build_to_load(arch, num_classes)  # no initialisation where it can
+        ckpt.load_weights(teacher, path, "teacher", arch, CLASSIFIER[arch], num_classes, assign=assign)
         return teacher
 
     def _amp_dtype(self) -> Optional[torch.dtype]:
@@ -597,10 +563,9 @@ class Trainer:
             init = cfg["model"]["init"]
             if init not in (None, "teacher"):  # read and check it now, before anything is written
                 arch = cfg["model"]["arch"]
-                with torch.device("meta"):
-                    probe = build_model(arch, self.num_classes)
+                probe, assign = build_to_load(arch, self.num_classes)
                 ckpt.load_weights(probe, os.path.expanduser(init), "model.init", arch, CLASSIFIER[arch],
-                                  self.num_classes, assign=True)
+                                  self.num_classes, assign=assign)
                 del probe
         except ConfigError as e:
             err = e
@@ -993,7 +958,7 @@ class Trainer:
         spe = self.sampler.steps_per_epoch
         epochs = cfg["schedule"]["epochs"]
         every, ck_every = cfg["log"]["every"], cfg["checkpoint"]["every_steps"]
-        classes = f" ({self.num_classes} classes)" if self.num_classes is not None else ""
+        classes = f" ({self.num_classes} {self.kind.classes})" if self.num_classes is not None else ""
         noise = "no noise" if cfg["method"]["name"] == "clean" else f"noise {self.spec}"
         self.log(f"{cfg['name']}: {cfg['method']['name']} on {self._data_name}"
                  f"{classes}, {self._model_name}, {noise}, "
