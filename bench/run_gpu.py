@@ -99,6 +99,10 @@ TARGETS = {t.id: t for t in [
            "auto / cuDNN (GPU time)", "<= 1.5 (worst layer)"),
     Target("robustness_vs_naive", "ResNet-50 10-draw robustness pass: best fastnoise / 10 naive passes",
            "< 1 (worst batch)"),
+    Target("pcm_correct", "PCM chip weight, fused Triton kernels vs the PyTorch reference chip "
+           "(same normals), 4096 x 4096 and odd shapes, t = 1 s .. 1 year", "max |err| / max|W| <= 2e-6"),
+    Target("pcm_fused_vs_composition", "PCM chip weight 4096 x 4096 (and a ResNet-50 conv): fused "
+           "Triton kernels / the PyTorch composition on Triton normals", "< 1 (worst)"),
     Target("fused_max_m", "Linear crossover fused vs generate (fwd+bwd, bf16): largest M where "
            "fused wins", "sets FUSED_MAX_M"),
     Target("fused_max_output_pixels", "Conv crossover fused vs generate (GPU time, bf16): largest "
@@ -683,6 +687,39 @@ def part_robustness(ctx: Context) -> None:
     ctx.target("robustness_vs_naive", worst[0], worst[0] < 1, f"worst at {worst[1]}")
 
 
+def part_pcm_chip(ctx: Context) -> None:
+    """A PCM chip's effective weight: the two Triton launches of kernels/pcm_chip.py against the
+    reference chip (correctness) and against the PyTorch composition on Triton normals (time)."""
+    import torch
+
+    from fastnoise import PCM
+    from fastnoise._hardware_ops import _pcm_triton, _triton_normal
+    from fastnoise.hardware import reference_normal
+
+    dev = torch.device(ctx.device)
+    pcm = PCM()
+    g = torch.Generator(device=dev).manual_seed(0)
+    worst = 0.0
+    for shape in ctx.pick(((4096, 4096), (2048, 512, 3, 3), (37, 301)), ((37, 301),)):
+        w = torch.randn(*shape, generator=g, device=dev) * 0.05
+        for t in (1.0, 86400.0, 3.15e7):
+            got = _pcm_triton(pcm, w, 12345, 3, t, 7)
+            ref = pcm.effective_weight(w, 12345, 3, t, 7, normal=reference_normal)
+            worst = max(worst, float((got - ref).abs().max() / w.abs().max()))
+    ctx.emit("pcm chip fused vs reference", "max err / max|W|", worst)
+    ctx.target("pcm_correct", worst, worst <= 2e-6)
+    ratio = (0.0, None)
+    for shape in ctx.pick(((4096, 4096), (2048, 512, 3, 3)), ((64, 256),)):
+        w = torch.randn(*shape, generator=g, device=dev) * 0.05
+        fused = ctx.time_ms(lambda w=w: _pcm_triton(pcm, w, 1, 2, 3600.0, 0))
+        comp = ctx.time_ms(lambda w=w: pcm.effective_weight(w, 1, 2, 3600.0, 0, normal=_triton_normal))
+        ctx.emit(f"pcm chip {list(shape)} fused", "ms", fused)
+        ctx.emit(f"pcm chip {list(shape)} composition", "ms", comp)
+        ratio = max(ratio, (fused / comp, str(list(shape))), key=lambda v: v[0])
+        ctx.free()
+    ctx.target("pcm_fused_vs_composition", ratio[0], ratio[0] < 1, f"worst at {ratio[1]}")
+
+
 def _largest_prefix_win(points) -> int:
     """Largest x such that fused won at every measured x' <= x (0: it never won first)."""
     best = 0
@@ -876,6 +913,7 @@ PARTS = [
          ("torchvision",)),
     Part("conv_per_layer", 50, part_conv_per_layer, ("conv_layer_vs_cudnn",)),
     Part("robustness", 25, part_robustness, ("robustness_vs_naive",), ("torchvision",)),
+    Part("pcm_chip", 12, part_pcm_chip, ("pcm_correct", "pcm_fused_vs_composition")),
     Part("linear_crossover", 25, part_linear_crossover, ("fused_max_m",)),
     Part("conv_crossover", 40, part_conv_crossover, ("fused_max_output_pixels", "fused_min_weight_numel")),
     Part("ceilings", 8, part_ceilings),

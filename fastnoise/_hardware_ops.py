@@ -13,8 +13,9 @@ every backend. The layers call :func:`hardware_weight` once per forward, then th
 On the CPU, a :class:`~fastnoise.PCM` whose device functions are PCM's own (not overridden by a
 subclass) runs as one C++ op instead (``fastnoise_cpu::pcm_weight``, ``csrc/ops/cpu/pcm_cpu.cpp``):
 the same formulas in three passes over the weight, the normals drawn a row at a time, where the
-PyTorch composition makes about 25 passes and a dozen weight-sized temporaries. Both give the same
-chip to a few float32 ulps (``tests/test_hardware_pcm.py``).
+PyTorch composition makes about 25 passes and a dozen weight-sized temporaries; on CUDA the
+same in two Triton launches (``kernels/pcm_chip.py``). All give the same chip to a few float32
+ulps (``tests/test_hardware_pcm.py``).
 """
 
 from __future__ import annotations
@@ -60,21 +61,37 @@ def normal_for(weight: Tensor) -> NormalFn:
 _PCM_DEVICE = ("prog_std", "prog_reference", "drift_stats", "read_std", "programmed", "effective_weight")
 
 
-def _fused_pcm(model, weight: Tensor) -> bool:
-    """Whether ``model`` on ``weight`` runs as the C++ op: a PCM with PCM's own device functions,
-    a CPU weight of a kernel dtype, the kernels built."""
-    return (isinstance(model, PCM) and weight.device.type == "cpu"
-            and weight.dtype in dispatch.KERNEL_DTYPES and weight.numel() > 0 and len(model.prog_coeff) <= 4
-            and all(getattr(type(model), f) is getattr(PCM, f) for f in _PCM_DEVICE)
-            and _cpu.available())
+def _fused_pcm(model, weight: Tensor) -> Optional[str]:
+    """Which fused PCM op serves ``model`` on ``weight`` (``"cpu"``: the C++ op, ``"triton"``:
+    the Triton kernels on CUDA), or None: a PCM with PCM's own device functions and at most four
+    programming coefficients, a weight of a kernel dtype, the kernels at hand."""
+    if not (isinstance(model, PCM) and weight.dtype in dispatch.KERNEL_DTYPES and weight.numel() > 0
+            and len(model.prog_coeff) <= 4
+            and all(getattr(type(model), f) is getattr(PCM, f) for f in _PCM_DEVICE)):
+        return None
+    if weight.device.type == "cpu" and _cpu.available():
+        return "cpu"
+    if weight.device.type == "cuda" and dispatch.triton_usable(weight)[0]:
+        return "triton"
+    return None
 
 
-def _pcm_cpu(model: PCM, weight: Tensor, key: int, chip: int, t: float, read: int) -> Tensor:
+def _pcm_args(model: PCM, weight: Tensor, key: int, chip: int, t: float, read: int) -> tuple:
     t, chip = check_time(t), check_chip(chip)
     device = (model.g_max, model.prog_noise_scale, model.read_noise_scale, model.drift_scale,
               float(model.compensation), model.t_read, model.t0, model.prog_reference())
     w = weight.detach().reshape(weight.shape[0], -1).float()
-    return _cpu.pcm_weight(w, key, read_key(key, chip), chip, read, t, device, model.prog_coeff)
+    return w, key, read_key(key, chip), chip, int(read) & 0xFFFFFFFF, t, device, model.prog_coeff
+
+
+def _pcm_cpu(model: PCM, weight: Tensor, key: int, chip: int, t: float, read: int) -> Tensor:
+    return _cpu.pcm_weight(*_pcm_args(model, weight, key, chip, t, read))
+
+
+def _pcm_triton(model: PCM, weight: Tensor, key: int, chip: int, t: float, read: int) -> Tensor:
+    from .kernels import pcm_chip
+
+    return pcm_chip.pcm_weight(*_pcm_args(model, weight, key, chip, t, read))
 
 
 def hardware_weight(weight: Tensor, read: HardwareRead, key: int,
@@ -83,8 +100,10 @@ def hardware_weight(weight: Tensor, read: HardwareRead, key: int,
     and dtype. The gradient is straight-through (as for Gaussian noise): ``W + (W_eff - W)``.
     ``normal`` forces the model's own (PyTorch) computation with that generator."""
     with torch.no_grad():
-        if normal is None and _fused_pcm(read.model, weight):
-            w_eff = _pcm_cpu(read.model, weight, key, read.chip, read.t, read.read)
+        fused = _fused_pcm(read.model, weight) if normal is None else None
+        if fused is not None:
+            op = _pcm_cpu if fused == "cpu" else _pcm_triton
+            w_eff = op(read.model, weight, key, read.chip, read.t, read.read)
         else:
             normal = normal or normal_for(weight)
             w_eff = read.model.effective_weight(weight, key, read.chip, read.t, read.read, normal)

@@ -4,7 +4,7 @@ Run by ``tests/test_kernels_compile.py`` in a subprocess with ``TRITON_INTERPRET
 the interpreter ``@triton.jit`` objects are interpreter functions, and the interpreter misses
 what only the real compiler rejects)::
 
-    python tests/_compile_kernels.py REPORT.json [noise_gen noisy_matmul noisy_conv]
+    python tests/_compile_kernels.py REPORT.json [noise_gen noisy_matmul noisy_conv pcm_chip]
 
 Signatures are not written by hand: each case calls the module's real host launcher on small
 CPU tensors with the kernel swapped for a recorder, and turns the recorded arguments into a
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-KERNEL_MODULES = ("noise_gen", "noisy_matmul", "noisy_conv")
+KERNEL_MODULES = ("noise_gen", "noisy_matmul", "noisy_conv", "pcm_chip")
 HELPER_MODULES = ("philox",)  # @jit device functions only, compiled inside the kernels
 ARCH = 90
 
@@ -347,8 +347,26 @@ def cases_noisy_conv(full):
     return c.jobs
 
 
+def cases_pcm_chip(full):
+    from fastnoise.kernels import pcm_chip as m
+
+    c = _Cases(m)
+    device = (25.0, 1.0, 1.0, 1.0, 1.0, 250e-9, 20.0, 25.0)  # PCM()'s, as _hardware_ops passes it
+    drift = []
+    for w, label in ((torch.randn(96, 200), "conv-sized weight"), (torch.randn(7, 33), "odd weight")):
+        args = (w, SEED, SEED_I32, 3, 2**31 + 5, 3600.0, device, (0.26348, 1.9650, -1.1731))
+
+        def launch(args=args):  # both kernels of one call: _drift recorded inside _program's run
+            drift.extend(record(m, "_drift", lambda: m.pcm_weight(*args)))
+
+        c.run("_program", f"float32 {label}", "first", launch)
+        c.jobs.extend(make_jobs(m, "_drift", drift, f"float32 {label}", "first"))
+        drift.clear()
+    return c.jobs
+
+
 CASES = {"noise_gen": cases_noise_gen, "noisy_matmul": cases_noisy_matmul,
-         "noisy_conv": cases_noisy_conv}
+         "noisy_conv": cases_noisy_conv, "pcm_chip": cases_pcm_chip}
 
 
 # ----------------------------------------------------------------------------- kernel discovery

@@ -250,6 +250,26 @@ def test_cpu_chip_op_does_not_depend_on_threads():
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("case", ["default", "no-compensation", "cubic-programming"])
+def test_triton_chip_kernels_compute_the_reference_chip(case):
+    """kernels/pcm_chip.py (what a CUDA weight runs), here under the interpreter: the reference's
+    chip for odd shapes (rows and columns past one block) and times 0 .. a year, a read number
+    past 2**31."""
+    from fastnoise import dispatch
+    from fastnoise._hardware_ops import _pcm_triton
+
+    if not dispatch.triton_usable(torch.empty(1))[0]:
+        pytest.skip("Triton cannot run here")
+    pcm = _CPU_CASES[case]
+    g = torch.Generator().manual_seed(5)
+    for shape in ((5, 2, 3, 3), (19, 150)):
+        w = torch.randn(*shape, generator=g) * 0.1
+        for t in (0.0, DAY, YEAR):
+            got = _pcm_triton(pcm, w, 2**40 + 3, 6, t, 2**31 + 1).reshape(w.shape)
+            ref = pcm.effective_weight(w, 2**40 + 3, 6, t, 2**31 + 1).reshape(w.shape)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6 * float(w.abs().max()))
+
+
 class _OwnDevice(PCM):
     """A device of one's own: the C++ op must not stand in for its functions."""
 

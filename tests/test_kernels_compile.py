@@ -36,7 +36,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).with_name("_compile_kernels.py")
-MODULES = ("noise_gen", "noisy_matmul", "noisy_conv")
+MODULES = ("noise_gen", "noisy_matmul", "noisy_conv", "pcm_chip")
 # the (parameter -> compute dtype, mode) pairs every kernel must be compiled for
 DTYPE_TAGS = ("fp32->fp32", "bf16->bf16", "fp16->fp16", "fp32->bf16")
 MODES = (0, 1, 2)
