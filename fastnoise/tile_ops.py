@@ -9,9 +9,19 @@ the input ranges and, where the ADC clips, one byte per tile and output (how muc
 passes there); never a copy of the weight. The output noise is drawn from the contract
 (stream 5), so nothing of it is kept either.
 
+The elementwise stages (the DAC, the per-tile ADC epilogue, the gradient mask, the input clip's
+backward, the tiles' ``max |W|``) are one function each below: one C++ pass on the CPU for
+float32 / float64 (``csrc/ops/cpu/tile_cpu.cpp``), PyTorch ops elsewhere, the same operations in
+the reference's order. A training call takes sigma of the ``absmax`` scales from the tiles'
+``max |W|``, which the ADC bound and the output noise need anyway.
+
 Without an ADC bound the tiles' partial outputs need no per-tile step, so the forward is one
 matmul of the DAC's output (tile by tile) with the noisy weight, plus the per-tile noise.
 A convolution is the same op on its unfolded input (``F.unfold``), as aihwkit-lightning does it.
+
+The op is ``fastnoise::tile_linear`` (and ``fastnoise::tile_linear_backward``), registered with
+``torch.library`` so that ``torch.compile(fullgraph=True)`` sees one node; eager calls on plain
+tensors run the same functions through :class:`_TileLinearFn`, without the wrapper.
 """
 
 from __future__ import annotations
