@@ -196,7 +196,8 @@ def _dac_backward_(x: Tensor, gx: Tensor, plan: _Plan, tile: TileSpec, need_r: b
     gradient ``[T]`` (None without ``need_r``)."""
     t = len(plan.sizes)
     if ops is not None:
-        sums = ops.tile_dac_backward_(x, gx, plan.sizes, plan.rs).tolist()  # [T, 3] float64
+        xc = x if x.stride(-1) == 1 else x.contiguous()
+        sums = ops.tile_dac_backward_(xc, gx, plan.sizes, plan.rs).tolist()  # [T, 3] float64
         if not need_r:
             return None
         dr = []
@@ -204,7 +205,8 @@ def _dac_backward_(x: Tensor, gx: Tensor, plan: _Plan, tile: TileSpec, need_r: b
             r = plan.rs[i]
             v = r * (up - down)
             if tile.decay > 0:
-                share = 1.0 - clipped / (x.shape[0] * plan.sizes[i])
+                total = x.shape[0] * plan.sizes[i]
+                share = 1.0 - clipped / total if total else math.nan  # as 0 / 0 in torch: no decay
                 v += tile.decay * r * (share > tile.input_min_percentage)
             dr.append(v)
         return torch.tensor(dr, dtype=dtype)
@@ -287,7 +289,7 @@ def _tile_bwd(grad, x, weight, input_range, tile, sigma, mode, seed, offset, mas
         gx = g @ wn if wn is not None else None
         dw = g.t() @ xq if need_w else None
     else:
-        gx = torch.empty_like(x) if wn is not None else None
+        gx = torch.empty(x.shape, dtype=dtype, device=x.device) if wn is not None else None
         dw = torch.empty((weight.shape[0], x.shape[1]), dtype=dtype, device=x.device) if need_w else None
         for i in range(t):
             c = plan.cols(i)
@@ -488,10 +490,11 @@ def tile_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], input_ran
     wmax = sigma = None
     if weight_noise:
         mode, noise_bias = spec.mode, spec.noise_bias
-        if (not _tracing() and torch.is_grad_enabled() and weight.requires_grad
-                and (tile.out_bound is not None or tile.out_noise > 0)):
-            # a training call: sigma from the tiles' max|W|, which the ADC bound and the output
-            # noise need anyway (one reduction of W instead of two)
+        if (weight.device.type == "cpu" and not _tracing() and torch.is_grad_enabled()
+                and weight.requires_grad and (tile.out_bound is not None or tile.out_noise > 0)):
+            # a training call on the CPU: sigma from the tiles' max|W|, which the ADC bound and
+            # the output noise need anyway (one reduction of W instead of two; its finiteness
+            # check reads sigma on the host, which on CUDA would be a synchronisation)
             wmax = _wmax(weight, tile.sizes(weight.shape[1]), dtype, _kernels(x))
             sigma = _sigma_from_wmax(spec, wmax, bias)
         if sigma is None:

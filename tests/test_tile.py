@@ -169,6 +169,30 @@ def test_float32_stages_equal_reference(tile, stages):
     assert (x.grad == 0).any() and (r.grad != 0).all()  # inputs clipped, every range learns
 
 
+def test_strided_input_and_empty_batch(stages):
+    """A transposed input (columns not contiguous) and a batch of 0 rows, forward and gradients."""
+    n, k, m = 9, 41, 13
+    w = torch.randn(n, k, dtype=torch.float64, requires_grad=True)
+    r = _ranges(3).requires_grad_()
+    x = (torch.randn(k, m, dtype=torch.float64) * 1.3).t().requires_grad_()
+    assert x.stride(-1) != 1
+    y = tile_linear(x, w, None, r, FULL, None, 3, 1)
+    ref = reference.tile_linear_forward(x.detach(), w, None, r, FULL, torch.zeros(1), 0, False, 3, 1,
+                                        weight_noise=False)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dx, dw, _, dr = reference.tile_linear_backward(g, x.detach(), w, r, FULL, torch.zeros(1), 0, 3, 1,
+                                                   weight_noise=False)
+    for got, want in ((x.grad, dx), (w.grad, dw), (r.grad, dr)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    e = torch.zeros(0, k, dtype=torch.float64, requires_grad=True)
+    y = tile_linear(e, w, None, r, FULL, fastnoise.NoiseSpec(0.05), 3, 1)
+    assert y.shape == (0, n)
+    y.sum().backward()
+    assert e.grad.shape == (0, k)
+
+
 @pytest.mark.parametrize("scale", ["absmax", "absmax_per_channel"])
 @pytest.mark.parametrize("noise_bias", [False, True], ids=["w", "w+b"])
 def test_training_sigma_from_the_tiles_maxima_is_spec_sigma(scale, noise_bias, stages):
