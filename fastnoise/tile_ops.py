@@ -100,45 +100,52 @@ def _sigma_from_wmax(spec: NoiseSpec, wmax: Tensor, bias: Optional[Tensor]) -> O
 
 
 class _Plan:
-    """What one call computes per tile: sizes, ranges, DAC steps, bounds, ADC steps and noise
-    scales."""
+    """What one call computes per tile, for all tiles at once: sizes, ranges and DAC steps
+    (``[T]``), ADC bounds, ADC steps and output-noise scales (``[T, N]``, or ``[T, 1]`` per
+    tensor), each with the reference's operations (:func:`fastnoise.reference._tile_steps`)."""
 
     def __init__(self, tile: TileSpec, weight2d: Tensor, input_range: Optional[Tensor], dtype,
                  outputs: bool = True, ops=None, wmax: Optional[Tensor] = None):
         self.sizes = tile.sizes(weight2d.shape[1])
-        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         t = len(self.sizes)
-        self.r = [None] * t
+        self.starts = [sum(self.sizes[:i]) for i in range(t)]
+        r = step = None
         if tile.input_range:
-            ir = input_range.detach().to(dtype)
-            self.r = [ir[i] for i in range(t)]
-        need_w = outputs and (tile.out_bound is not None or tile.out_noise > 0)
-        if not need_w:
-            wmax = None
-        elif wmax is None:
-            wmax = _wmax(weight2d, self.sizes, dtype, ops)
-        self.step, self.bound, self.noise = [None] * t, [None] * t, [None] * t
-        self.adc_step = [None] * t
-        for i in range(t):
-            r = self.r[i]
+            r = input_range.detach().to(dtype)  # [T]
             if tile.inp_res is not None:
-                self.step[i] = (2 * r) / tile.inp_res
-            if wmax is not None and tile.out_bound is not None:
-                w = wmax[i] if tile.bound_per_channel else wmax[i].max()
-                self.bound[i] = ((r * tile.out_bound) * w.to(dtype)).reshape(1, -1)
+                step = (2 * r) / tile.inp_res
+        self.bound = self.adc_step = self.noise = None
+        if outputs and (tile.out_bound is not None or tile.out_noise > 0):
+            wmax = (_wmax(weight2d, self.sizes, dtype, ops) if wmax is None else wmax).to(dtype)  # [T, N]
+            if tile.out_bound is not None:
+                w = wmax if tile.bound_per_channel else wmax.amax(1, keepdim=True)
+                self.bound = (r * tile.out_bound).unsqueeze(1) * w
                 if tile.out_res is not None:
-                    self.adc_step[i] = (2 * self.bound[i]) / tile.out_res
-            if wmax is not None and tile.out_noise > 0:
-                w = wmax[i] if tile.out_noise_per_channel else wmax[i].max()
-                self.noise[i] = (w.to(dtype) * (tile.out_noise / math.sqrt(t) * r)).reshape(1, -1)
+                    self.adc_step = (2 * self.bound) / tile.out_res
+            if tile.out_noise > 0:
+                w = wmax if tile.out_noise_per_channel else wmax.amax(1, keepdim=True)
+                self.noise = w * (tile.out_noise / math.sqrt(t) * r).unsqueeze(1)
+        self.rows = None  # the same as contiguous [T, N] (the C++ epilogue's rows), made once
+        if ops is not None and self.bound is not None:
+            n = weight2d.shape[0]
+            self.rows = tuple(None if v is None else v.expand(t, n).contiguous()
+                              for v in (self.bound, self.noise, self.adc_step))
+        # the ranges and DAC steps per tile; on the CPU as Python floats holding the same
+        # (dtype-rounded) values: torch's scalar kernels are several times faster than its 0-dim
+        # tensor ones
+        self.rs = self.ss = [None] * t
+        if r is not None:
+            cpu = weight2d.device.type == "cpu"
+            self.rs = r.tolist() if cpu else list(r)
+            if step is not None:
+                self.ss = step.tolist() if cpu else list(step)
 
-        # on the CPU the ranges and DAC steps as Python floats holding the same (dtype-rounded)
-        # values: torch's scalar kernels are several times faster than its 0-dim tensor ones
-        self.rs, self.ss = self.r, self.step
-        if weight2d.device.type == "cpu" and tile.input_range:
-            self.rs = torch.stack(self.r).tolist()
-            if tile.inp_res is not None:
-                self.ss = torch.stack(self.step).tolist()
+    def epilogue(self, i: int, rows: bool) -> tuple:
+        """Tile ``i``'s (ADC bound, output-noise scale, ADC step), each None where the tile has
+        none: ``[N]`` rows (``rows``) or ``[1, N]`` / ``[1, 1]`` against a ``[M, N]`` output."""
+        if rows:
+            return tuple(None if v is None else v[i] for v in self.rows)
+        return tuple(None if v is None else v[i:i + 1] for v in (self.bound, self.noise, self.adc_step))
 
     def cols(self, i: int) -> slice:
         return slice(self.starts[i], self.starts[i] + self.sizes[i])
@@ -165,10 +172,9 @@ def _adc_(p: Tensor, y: Tensor, i: int, plan: _Plan, z: Optional[Tensor], mask: 
     """Tile ``i``'s partial output ``p`` through the output noise (``z`` float32 or None), the
     ADC and its clip, into ``y`` (``p is y`` for the first tile: written in place, else added);
     ``mask`` (uint8) gets 2 inside the bound, 1 exactly at it, 0 beyond."""
-    b, noise, s = plan.bound[i], plan.noise[i] if z is not None else None, plan.adc_step[i]
-    if ops is not None:  # [N] each (a per-tensor value repeated)
-        n = p.shape[1]
-        b, noise, s = (None if v is None else v.reshape(-1).expand(n).contiguous() for v in (b, noise, s))
+    b, noise, s = plan.epilogue(i, rows=ops is not None)
+    noise = noise if z is not None else None
+    if ops is not None:
         ops.tile_adc_(p, y, p is not y, z, noise, b, s, mask)
         return
     if z is not None:
@@ -251,7 +257,7 @@ def _tile_fwd(x, weight, bias, input_range, wmax, tile, sigma, mode, noise_bias,
         y = xq @ wn.t()
         if z is not None:
             for i in range(t):
-                y.addcmul_(z[i].to(dtype), plan.noise[i])
+                y.addcmul_(z[i].to(dtype), plan.epilogue(i, rows=False)[1])
     else:
         masks = torch.empty((t, m, n), dtype=torch.uint8, device=x.device)
         y = torch.empty((m, n), dtype=dtype, device=x.device)
