@@ -17,7 +17,9 @@ resnet18 (torchvision, 10 classes) SGD train step at 32 x 32, batch 32 (with the
 the tile op on the unfolded input, as aihwkit-lightning computes it).
 
 ``extra_info``: ``ratio_vs_<provider>`` for each provider timed before in the session (the
-targets: ``tile`` at most 1.3x ``noisy`` and below 1.0x ``aihwkit``).
+targets: ``tile`` at most 1.3x ``noisy`` and below 1.0x ``aihwkit``). pytest-benchmark times one
+provider after the other, so on a shared machine the ratio follows the load; ``bench/tile_cost.py``
+times the Linear case with the providers interleaved in one process.
 """
 
 import contextlib

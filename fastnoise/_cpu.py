@@ -49,7 +49,7 @@ __all__ = ["available", "why_unavailable", "library_path", "sources_dir", "noisy
            "normal_grid", "philox_words", "pcm_weight", "kernel_isa", "set_kernel_isa", "SOURCES"]
 
 SOURCES = ("noise.cpp", "cpu/noise_cpu.cpp", "cpu/pcm_cpu.cpp", "cpu/noise_kernel_base.cpp",
-           "cpu/noise_kernel_avx2.cpp", "cpu/noise_kernel_avx512.cpp")
+           "cpu/noise_kernel_avx2.cpp", "cpu/noise_kernel_avx512.cpp", "cpu/tile_cpu.cpp")
 _HEADERS = ("cpu/kernel_api.h", "cpu/noise_kernel.h", "cpu/ops_common.h")
 # -fno-math-errno: sqrt becomes the instruction (vectorisable); -ffp-contract=off: no fused
 # multiply-adds, so the baseline and AVX2 copies round alike; -fopenmp: at::parallel_for's

@@ -43,6 +43,21 @@ def _convnet():
     ).to(DEVICE).train()
 
 
+def _tile_net():
+    """A conv and two linears on crossbar tiles (the conv is the tile op on its unfolded input):
+    DAC, ADC with bound, output noise, learned ranges; weight noise in two of them."""
+    torch.manual_seed(0)
+    fastnoise.manual_seed(13)
+    tile = fastnoise.TileSpec(max_input_size=16, inp_bits=8, out_bits=8, out_bound=6.0,
+                              bound_per_channel=True, out_noise=0.05, init_from_data=0)
+    return nn.Sequential(
+        fastnoise.Conv2d(3, 4, 3, padding=1, tile=tile), nn.ReLU(), nn.Flatten(),
+        fastnoise.Linear(64, 24, spec=NoiseSpec(0.05, "absmax_per_channel", noise_bias=True), tile=tile),
+        nn.ReLU(),
+        fastnoise.Linear(24, 5, spec=NoiseSpec(0.0), tile=tile.replace(out_bound=None, out_res=None)),
+    ).to(DEVICE).train()
+
+
 def _run(model, x, fn=None, calls=3):
     """``calls`` forwards of ``fn`` (default: ``model``; fresh noise each), then backward through
     the last two; returns outputs and ``model``'s gradients."""
@@ -73,6 +88,13 @@ def _compare_eager_and_compiled(build, x):
 def test_compiled_mlp_matches_eager():
     x = torch.randn(7, 12, device=DEVICE)
     _compare_eager_and_compiled(_mlp, x)
+
+
+def test_compiled_tile_layers_match_eager():
+    """``fastnoise::tile_linear`` and its backward are custom ops: the compiled model draws the same
+    weight and output noise, and gives the same outputs and gradients (the ranges' too)."""
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    _compare_eager_and_compiled(_tile_net, x)
 
 
 def test_compiled_convnet_matches_eager():

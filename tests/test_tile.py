@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnoise
-from fastnoise import reference
+from fastnoise import reference, tile_ops
 from fastnoise.tile import TileSpec, split_sizes
 from fastnoise.tile_ops import tile_linear
 
@@ -84,6 +84,20 @@ def test_input_range_must_be_positive_and_per_tile():
 
 
 # ----------------------------------------------------------------------------- against the reference
+HAVE_CPP = tile_ops._kernels(torch.zeros(1)) is not None
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def stages(request, monkeypatch):
+    """The tile's elementwise stages in C++ (``csrc/ops/cpu/tile_cpu.cpp``) or in PyTorch (CUDA,
+    bfloat16 / float16, or no C++ build)."""
+    if request.param == "torch":
+        monkeypatch.setattr(tile_ops, "_kernels", lambda x: None)
+    elif not HAVE_CPP:
+        pytest.skip("the C++ CPU kernels are not built")
+    return request.param
+
+
 def _ranges(t):
     return (torch.rand(t, dtype=torch.float64) + 0.6)
 
@@ -96,7 +110,7 @@ def _ranges(t):
 ], ids=["full", "one-tile-per-tensor-bound", "dac-noise-no-adc", "clip-only"])
 @pytest.mark.parametrize("spec", [fastnoise.NoiseSpec(eta=0.05, scale="absmax_per_channel", noise_bias=True),
                                   None], ids=["wnoise", "no-wnoise"])
-def test_forward_and_gradients_equal_reference_float64(tile, spec):
+def test_forward_and_gradients_equal_reference_float64(tile, spec, stages):
     n, k, m = 23, 41, 17
     w = torch.randn(n, k, dtype=torch.float64, requires_grad=True)
     b = torch.randn(n, dtype=torch.float64, requires_grad=True)
@@ -124,6 +138,76 @@ def test_forward_and_gradients_equal_reference_float64(tile, spec):
         clean = F.linear(x.detach(), w.detach(), b.detach())
         assert not torch.allclose(y, clean, atol=1e-3)
     assert (x.grad == 0).any() and r.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tile", [FULL, FULL.replace(bound_per_channel=False, out_noise_per_channel=True),
+                                  FULL.replace(out_res=None, out_bits=None)],
+                         ids=["full", "per-tensor-bound", "bound-no-adc-steps"])
+def test_float32_stages_equal_reference(tile, stages):
+    """float32, where each stage's rounding shows (the DAC's and ADC's round half to even at 2**23,
+    the float instantiation of the C++ loops): output and every gradient against the float32
+    reference on the same noise; with ADC steps nearly all outputs to the bit (a level apart
+    would show; without them the matmuls' blocking shows in the last bit)."""
+    n, k, m = 37, 41, 29
+    torch.manual_seed(3)
+    w = (torch.randn(n, k) * 0.1).requires_grad_()
+    b = torch.randn(n, requires_grad=True)
+    x = (torch.randn(m, k) * 1.5).requires_grad_()
+    r = torch.tensor([0.9, 1.3, 0.7], requires_grad=True)
+    spec = fastnoise.NoiseSpec(eta=0.05, scale="absmax_per_channel", noise_bias=True)
+    y = tile_linear(x, w, b, r, tile, spec, 77, 5)
+    sigma = spec.sigma(w, b)
+    ref = reference.tile_linear_forward(x.detach(), w, b, r, tile, sigma, spec.mode, True, 77, 5)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    if tile.out_res is not None:
+        assert (y == ref).double().mean() > 0.99
+    g = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    y.backward(g)
+    want = reference.tile_linear_backward(g, x.detach(), w, r, tile, sigma, spec.mode, 77, 5)
+    for name, got, exp in zip(("dx", "dW", "db", "dr"), (x.grad, w.grad, b.grad, r.grad), want, strict=True):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5, msg=name)
+    assert (x.grad == 0).any() and (r.grad != 0).all()  # inputs clipped, every range learns
+
+
+def test_strided_input_and_empty_batch(stages):
+    """A transposed input (columns not contiguous) and a batch of 0 rows, forward and gradients."""
+    n, k, m = 9, 41, 13
+    w = torch.randn(n, k, dtype=torch.float64, requires_grad=True)
+    r = _ranges(3).requires_grad_()
+    x = (torch.randn(k, m, dtype=torch.float64) * 1.3).t().requires_grad_()
+    assert x.stride(-1) != 1
+    y = tile_linear(x, w, None, r, FULL, None, 3, 1)
+    ref = reference.tile_linear_forward(x.detach(), w, None, r, FULL, torch.zeros(1), 0, False, 3, 1,
+                                        weight_noise=False)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dx, dw, _, dr = reference.tile_linear_backward(g, x.detach(), w, r, FULL, torch.zeros(1), 0, 3, 1,
+                                                   weight_noise=False)
+    for got, want in ((x.grad, dx), (w.grad, dw), (r.grad, dr)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    e = torch.zeros(0, k, dtype=torch.float64, requires_grad=True)
+    y = tile_linear(e, w, None, r, FULL, fastnoise.NoiseSpec(0.05), 3, 1)
+    assert y.shape == (0, n)
+    y.sum().backward()
+    assert e.grad.shape == (0, k)
+
+
+@pytest.mark.parametrize("scale", ["absmax", "absmax_per_channel"])
+@pytest.mark.parametrize("noise_bias", [False, True], ids=["w", "w+b"])
+def test_training_sigma_from_the_tiles_maxima_is_spec_sigma(scale, noise_bias, stages):
+    """A training call takes sigma from the per-tile max|W| the ADC needs anyway: the value of
+    ``spec.sigma``; a weight with a NaN gets ``spec.sigma``'s (which warns) instead."""
+    spec = fastnoise.NoiseSpec(eta=0.03, scale=scale, noise_bias=noise_bias)
+    w, b = torch.randn(23, 41), torch.randn(23) * 3
+    kernels = tile_ops._kernels(w)
+    wmax = tile_ops._wmax(w, FULL.sizes(41), torch.float32, kernels)
+    assert torch.equal(wmax, reference.tile_wmax(w, FULL.sizes(41)))
+    assert torch.equal(tile_ops._sigma_from_wmax(spec, wmax, b), spec.sigma(w, b))
+    w[3, 5] = math.nan
+    wmax = tile_ops._wmax(w, FULL.sizes(41), torch.float32, kernels)
+    assert torch.isnan(wmax[0, 3]) and not torch.isnan(wmax[1:, 3]).any()
+    assert tile_ops._sigma_from_wmax(spec, wmax, b) is None
 
 
 def test_output_noise_is_the_contract_stream_5():
