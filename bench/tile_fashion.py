@@ -1,7 +1,7 @@
 """Fashion-MNIST: does training on the crossbar tile help a model that meets the tile?
 
     python bench/tile_fashion.py [--seeds 3] [--epochs 3] [--train 20000] [--draws 10]
-                                 [--bits 8] [--bound 14] [--out-noise 0.04]
+                                 [--bits 8] [--bound 14] [--out-noise 0.04] [--pcm-times 1 86400 3.15e7]
 
 Per seed, one MLP (784-256-10) initialisation, two students trained by ``fastnoise.train.fit``
 (method ``noise``, the same data order): ``gaussian`` (weight noise only: absmax per channel,
@@ -12,7 +12,11 @@ initialised from 20 batches). Both are evaluated with the tile on, on the same c
 names agree); the Gaussian student's input ranges are first calibrated from 20 training batches
 (the tile's initialisation from data, no gradient), as one would calibrate a model before
 deploying it. The paired difference (tile - gaussian, per chip) is summarised by its t interval
-over the per-seed means (``paired_difference``). Needs Debian's dataset-fashion-mnist.
+over the per-seed means (``paired_difference``). Then both again, with their tiles on, on PCM
+chips (``fastnoise.PCM()``, the chip's weight through the tile's converters, no Gaussian weight
+noise) at ``--pcm-times`` (``evaluate_robustness(hardware=..., seed=1000 + seed)``: the same chips
+for both students), paired the same way (``--pcm-times`` with no value: skipped). Needs Debian's
+dataset-fashion-mnist.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=8, help="DAC and ADC bits")
     ap.add_argument("--bound", type=float, default=14.0, help="ADC bound (relative to r max|W|)")
     ap.add_argument("--out-noise", type=float, default=0.04)
+    ap.add_argument("--pcm-times", type=float, nargs="*", default=[1.0, 86400.0, 3.15e7],
+                    help="seconds after programming on PCM chips (none: no PCM evaluation)")
     a = ap.parse_args()
     global TILE
     TILE = TILE.replace(inp_bits=a.bits, out_bits=a.bits, out_bound=a.bound, out_noise=a.out_noise)
@@ -73,6 +79,7 @@ def main() -> None:
     train = Subset(train_all, torch.randperm(len(train_all), generator=g)[: a.train].tolist())
     test_loader = DataLoader(test, batch_size=1000)
     acc: dict = {"gaussian": [], "tile": []}
+    pcm: dict = {"gaussian": [], "tile": []}  # [seed][time][chip]
     for seed in range(a.seeds):
         torch.manual_seed(seed)
         init = mlp()
@@ -91,12 +98,31 @@ def main() -> None:
             acc[name].append(r.accuracies[0])
             print(f"seed {seed} {name:8s} tile-on accuracy {sum(r.accuracies[0]) / a.draws:.2f}% "
                   f"(chips {min(r.accuracies[0]):.2f}..{max(r.accuracies[0]):.2f})", flush=True)
+            if a.pcm_times:
+                p = fastnoise.evaluate_robustness(model, test_loader, hardware=fastnoise.PCM(),
+                                                  times=a.pcm_times, draws=a.draws, seed=1000 + seed,
+                                                  progress=False)
+                pcm[name].append(p.accuracies)
+                per_time = zip(a.pcm_times, p.accuracies, strict=True)
+                print(f"seed {seed} {name:8s} PCM + tile: "
+                      + ", ".join(f"{t:g} s {sum(v) / len(v):.2f}%" for t, v in per_time), flush=True)
     diffs = [[t - g_ for t, g_ in zip(ts, gs, strict=True)] for ts, gs in zip(acc["tile"], acc["gaussian"],
                                                                              strict=True)]
+    _report("tile on", diffs, acc, a)
+    for i, t in enumerate(a.pcm_times):
+        at = {k: [v[i] for v in pcm[k]] for k in pcm}
+        pairs = zip(at["tile"], at["gaussian"], strict=True)
+        _report(f"PCM + tile at {t:g} s", [[x - y for x, y in zip(ts, gs, strict=True)] for ts, gs in pairs],
+                at, a)
+    print(f"{time.time() - t0:.0f} s")
+
+
+def _report(what: str, diffs, acc: dict, a) -> None:
     d = paired_difference(diffs)
-    print(f"tile - gaussian, tile on, {a.seeds} seeds x {a.draws} chips: {d['mean']:+.2f} points, "
-          f"95% CI [{d['low']:+.2f}, {d['high']:+.2f}]; per-seed means "
-          + ", ".join(f"{m:+.2f}" for m in d["seed_means"]) + f"; {time.time() - t0:.0f} s")
+    mean = {k: sum(map(sum, v)) / sum(map(len, v)) for k, v in acc.items()}
+    print(f"{what}: gaussian {mean['gaussian']:.2f}%, tile {mean['tile']:.2f}%; tile - gaussian, "
+          f"{a.seeds} seeds x {a.draws} chips: {d['mean']:+.2f} points, 95% CI [{d['low']:+.2f}, "
+          f"{d['high']:+.2f}]; per-seed means " + ", ".join(f"{m:+.2f}" for m in d["seed_means"]), flush=True)
 
 
 if __name__ == "__main__":

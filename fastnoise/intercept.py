@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 from . import context, functional, tile_ops
 from ._hardware_ops import hardware_weight
 from .hardware.base import HardwareRead
-from .modules import Conv2d, Linear, NoisyMixin
+from .modules import Conv2d, Linear, NoisyMixin, chip_out_noise
 
 __all__ = ["MATMUL_OPS", "ScopeMixin", "noisy_class", "scoped", "holder_class"]
 
@@ -255,7 +255,8 @@ class _Scope(TorchFunctionMode):
             _record(holder, wname, name, noisy=False, why="noise off")
             return func(*args, **kwargs)
         spec, seed, offset = noise
-        if isinstance(spec, HardwareRead):  # a chip: its weight, then the clean op
+        chip = isinstance(spec, HardwareRead)
+        if chip and tile is None:  # a chip: its weight, then the clean op
             _record(holder, wname, f"fused {name}", noisy=True)
             we = hardware_weight(w, spec, seed)
             if len(args) > 1:
@@ -269,6 +270,9 @@ class _Scope(TorchFunctionMode):
             _record(holder, wname, f"tile {name}", noisy=True)
             r = holder._parameters.get("input_range")
             counts = holder._buffers.get("input_range_update_idx") if holder.training else None
+            if chip:  # the chip's weight through the tile's converters, no weight noise
+                w = hardware_weight(w, spec, seed)
+                spec, (seed, offset), counts = None, chip_out_noise(spec, seed), None
             if name == "linear":
                 return tile_ops.tile_linear(x, w, b, r, tile, spec, seed, offset, update=counts)
             return tile_ops.tile_conv2d(x, w, b, geo.get("stride", 1), geo.get("padding", 0),

@@ -204,11 +204,6 @@ class NoisyMixin:
         the key is the one a Gaussian ``draw=k`` uses, the read the next of this weight's."""
         from .hardware.base import HardwareRead
 
-        if getattr(self, "tile", None) is not None:  # never drop the tile's stages silently
-            raise ValueError(f"{type(self).__name__} has a crossbar tile ({self.tile}): evaluating it on "
-                             f"{override.hardware.name} chips (noise(hardware=...)) is not supported yet; "
-                             "evaluate it without hardware= (the tile with weight noise), or convert it "
-                             "without tile=")
         base = rng.initial_seed() if override.seed is None else override.seed
         wids = self.__dict__.get("_draw_wids") or self._noise_wids
         read = override.next_read((id(self), name))
@@ -265,6 +260,15 @@ class NoisyMixin:
         return f"{super().extra_repr()}, spec={self.spec}{tile}"
 
 
+def chip_out_noise(read, key: int) -> tuple[int, int]:
+    """(seed, offset) of a crossbar tile's output noise on a chip (``noise(hardware=...)``): read
+    ``read.read`` of chip ``read.chip``, under the chip's read key (whose stream 4 is the read
+    noise; the tile's output noise is stream 5), so each read of each chip has its own."""
+    from .hardware.base import read_key
+
+    return read_key(key, read.chip), read.read
+
+
 def _outside_scope(forward):
     """Run a drop-in layer's forward with torch-function modes off while a noise scope
     (:mod:`fastnoise.intercept`) is active: the layer handles its own weight, and the scope's
@@ -298,7 +302,11 @@ class Linear(NoisyMixin, nn.Linear):
             return F.linear(input, self.weight, self.bias)
         spec, seed, offset = args
         if type(spec) is not NoiseSpec:  # a chip (fastnoise.noise(hardware=...))
-            return F.linear(input, hardware_weight(self.weight, spec, seed), self.bias)
+            w = hardware_weight(self.weight, spec, seed)
+            if tile is None:
+                return F.linear(input, w, self.bias)
+            return tile_linear(input, w, self.bias, self._parameters.get("input_range"), tile, None,
+                               *chip_out_noise(spec, seed))
         if tile is not None:
             counts = self._buffers.get("input_range_update_idx") if self.training else None
             return tile_linear(input, self.weight, self.bias, self._parameters.get("input_range"), tile,
@@ -331,7 +339,10 @@ class Conv2d(NoisyMixin, nn.Conv2d):
             return self._conv_forward(input, self.weight, self.bias)
         spec, seed, offset = args
         if type(spec) is not NoiseSpec:  # a chip (fastnoise.noise(hardware=...))
-            return self._conv_forward(input, hardware_weight(self.weight, spec, seed), self.bias)
+            w = hardware_weight(self.weight, spec, seed)
+            if tile is None:
+                return self._conv_forward(input, w, self.bias)
+            return self._tile_forward(input, tile, None, *chip_out_noise(spec, seed), weight=w)
         if tile is not None:
             return self._tile_forward(input, tile, spec, seed, offset)
         if _pregenerated_lookup is not None:
@@ -345,12 +356,13 @@ class Conv2d(NoisyMixin, nn.Conv2d):
         return noisy_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
                             self.groups, spec, seed, offset)
 
-    def _tile_forward(self, input, tile, spec, seed, offset):
+    def _tile_forward(self, input, tile, spec, seed, offset, weight=None):
         padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         r = self._parameters.get("input_range")
         counts = self._buffers.get("input_range_update_idx") if self.training else None
-        return tile_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                           r, tile, spec, seed, offset, update=counts)
+        return tile_conv2d(input, self.weight if weight is None else weight, self.bias, self.stride, padding,
+                           self.dilation, self.groups, r, tile, spec, seed, offset,
+                           update=None if weight is not None else counts)

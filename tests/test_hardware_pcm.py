@@ -475,8 +475,51 @@ def test_cli_study_and_eval_on_chips(tmp_path, capsys, one_thread):
     assert "got -1.0" in capsys.readouterr().err
 
 
-def test_a_layer_on_a_crossbar_tile_is_refused_on_a_chip_not_evaluated_without_its_tile():
-    layer = fastnoise.Linear(12, 5, tile=fastnoise.TileSpec(max_input_size=8, inp_bits=8)).eval()
-    x = torch.randn(3, 12)
-    with pytest.raises(ValueError, match="crossbar tile"), fastnoise.noise(hardware=fastnoise.PCM(), t=1.0):
-        layer(x)
+class _TiledMatmulUser(nn.Module):
+    """A tiled layer whose weight is also used outside its forward (the intercept path)."""
+
+    def __init__(self, tile):
+        super().__init__()
+        self.lin = nn.Linear(12, 5)
+        self.tile = tile
+
+    def forward(self, x):
+        return F.linear(x, self.lin.weight, self.lin.bias)
+
+
+def test_a_layer_on_a_crossbar_tile_runs_the_chip_through_its_tile():
+    """On a chip a tiled layer is the chip's weight through the tile's converters (DAC, ADC with
+    its bound, output noise per read; no weight noise): the reference tile on the reference chip,
+    for a Linear, a Conv2d and a weight used outside its module (the intercept path)."""
+    from fastnoise.hardware.base import read_key
+    from fastnoise.reference import tile_linear_forward
+
+    tile = fastnoise.TileSpec(max_input_size=8, inp_bits=8, out_bits=8, out_bound=10.0, out_noise=0.05)
+    pcm = PCM()
+    lin = fastnoise.Linear(12, 5, tile=tile).eval()
+    conv = fastnoise.Conv2d(2, 3, 2, tile=tile).eval()
+    user = fastnoise.convert(_TiledMatmulUser(tile), fastnoise.NoiseSpec(0.05), tile=tile).eval()
+    x, xc = torch.randn(3, 12), torch.randn(2, 2, 4, 4)
+
+    def ref(layer, w2d, x2d, read, seed=9):
+        key = _key(layer, "weight", seed)
+        w = pcm.effective_weight(w2d, key, 4, DAY, read)
+        r = layer._parameters.get("input_range")
+        return tile_linear_forward(x2d, w, layer.bias, r, tile, None, 0, False, read_key(key, 4), read,
+                                   weight_noise=False)
+
+    with torch.no_grad(), fastnoise.noise(hardware=pcm, t=DAY, draw=4, seed=9):
+        y0, y1 = lin(x), lin(x)
+        yc = conv(xc)
+        yu = user(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y0, ref(lin, lin.weight, x, 0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y1, ref(lin, lin.weight, x, 1), rtol=1e-4, atol=1e-5)
+        cols = F.unfold(xc, 2).transpose(1, 2)
+        want = ref(conv, conv.weight.reshape(3, -1), cols, 0).transpose(1, 2).reshape(2, 3, 3, 3)
+        torch.testing.assert_close(yc, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(yu, ref(user.lin, user.lin.weight, x, 0), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(y0, y1)  # a fresh read (and output noise) per forward
+        # and not the chip without its tile
+        assert not torch.allclose(y0, F.linear(x, pcm.effective_weight(lin.weight, _key(lin, "weight", 9),
+                                                                        4, DAY, 0), lin.bias), atol=1e-3)
