@@ -45,14 +45,20 @@ def _prog_std(g, g_max, c0, c1, c2, c3, std_scale):
 
 
 @triton.jit
+def _block(pid_r, pid_c, R, C, BR: tl.constexpr, BC: tl.constexpr):
+    """The mask and element offsets of block ``(pid_r, pid_c)`` of the contiguous ``[R, C]``."""
+    rows = pid_r * BR + tl.arange(0, BR)
+    cols = pid_c * BC + tl.arange(0, BC)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    return mask, rows.to(tl.int64)[:, None] * C + cols[None, :]
+
+
+@triton.jit
 def _program(w_ptr, out_ptr, part_ptr, amax_ptr, key_lo, key_hi, chip, R, C,
              g_max, prog_scale, std_scale, c0, c1, c2, c3, BR: tl.constexpr, BC: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
-    mask = (rows < R)[:, None] & (cols < C)[None, :]
-    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    mask, off = _block(pid_r, pid_c, R, C, BR, BC)
     w = tl.load(w_ptr + off, mask=mask, other=0.0)
     s = g_max / tl.maximum(tl.load(amax_ptr), 1e-7)
     g0 = _target(w, s, g_max)
@@ -74,10 +80,7 @@ def _drift(w_ptr, io_ptr, part_ptr, amax_ptr, amax_p_ptr, key_lo, key_hi, rkey_l
            R, C, g_max, drift_scale, read_scale, log_drift, read_time, BR: tl.constexpr, BC: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
-    mask = (rows < R)[:, None] & (cols < C)[None, :]
-    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    mask, off = _block(pid_r, pid_c, R, C, BR, BC)
     w = tl.load(w_ptr + off, mask=mask, other=0.0)
     wp = tl.load(io_ptr + off, mask=mask, other=0.0)
     s = g_max / tl.maximum(tl.load(amax_ptr), 1e-7)
