@@ -205,6 +205,18 @@ def test_leading_dims_and_strides(nan_outputs):
     assert_tile_close(y, ref.reshape(-1, N), steps, "transposed input")
 
 
+def test_float32_weight_with_16_bit_input_as_under_autocast(nan_outputs):
+    """The weight stays float32 (read in its dtype, rounded to bfloat16 after the noise is added,
+    max |W| taken before rounding), the input and the output are bfloat16."""
+    x, w, b, r = _inputs(M, K, N, BF16, BASE)
+    w, b = w.float() + 1e-3 * torch.randn_like(w.float()), b.float()  # not bf16-representable
+    sigma, mode, nb = _noise(NoiseSpec(0.05, "absmax_per_channel", noise_bias=True), w, b)
+    y, _ = tile_matmul.tile_matmul_fwd(x, w, b, r, BASE, sigma, mode, nb, SEED,
+                                       torch.tensor(OFFSET, device=DEVICE))
+    ref = reference.tile_linear_forward(x, w, b, r, BASE, sigma, mode, nb, SEED, OFFSET)
+    assert_tile_close(y, ref, _adc_steps(BASE, w, r, BF16))
+
+
 def test_bad_input_is_refused_naming_the_value():
     x, w, b, r = _inputs(M, K, N, F32, BASE)
     zero, off = torch.zeros(1, device=DEVICE), torch.tensor(0, device=DEVICE)
@@ -273,6 +285,29 @@ def test_layer_on_a_tile_trains_the_same_on_kernel_and_composition(monkeypatch):
     assert_tile_close(out["fused"][0].reshape(-1, N), out["composition"][0].reshape(-1, N), steps)
     for a, e in zip(out["fused"][1:], out["composition"][1:], strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * max(1.0, e.abs().max().item()))
+
+
+def test_conv_on_a_tile_runs_the_kernel_on_its_unfolded_input(fused, monkeypatch):
+    from fastnoise.tile_ops import tile_conv2d
+
+    tile = BASE.replace(max_input_size=20)  # K = 4 * 3 * 3 = 36: two tiles of 18
+    x = torch.randn(2, 4, 6, 5, device=DEVICE)
+    w = torch.randn(7, 4, 3, 3, device=DEVICE) / 6
+    b, r = torch.randn(7, device=DEVICE), torch.rand(2, device=DEVICE) + 0.6
+    spec = NoiseSpec(0.05, "absmax_per_channel")
+    y = tile_conv2d(x, w, b, 1, 1, 1, 1, r, tile, spec, SEED, OFFSET)
+    assert len(fused) == 1  # one kernel call for the whole unfolded input
+    monkeypatch.setattr(tile_ops, "TILE_FORWARD", "composition")
+    want = tile_conv2d(x, w, b, 1, 1, 1, 1, r, tile, spec, SEED, OFFSET)
+    steps = _adc_steps(tile, w.reshape(7, -1), r, F32)
+    assert_tile_close(y.permute(0, 2, 3, 1).reshape(-1, 7), want.permute(0, 2, 3, 1).reshape(-1, 7), steps)
+
+
+def test_tile_forward_setting_is_checked(monkeypatch):
+    x, w, b, r = _inputs(M, K, N, F32, BASE)
+    monkeypatch.setattr(tile_ops, "TILE_FORWARD", "kernel")
+    with pytest.raises(ValueError, match="must be 'auto', 'fused' or 'composition', got 'kernel'"):
+        tile_linear(x, w, b, r, BASE)
 
 
 def test_auto_runs_the_kernel_on_cuda_only_and_float64_never(fused, monkeypatch):
