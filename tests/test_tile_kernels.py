@@ -2,8 +2,10 @@
 
 Every case compares the kernel's forward with :func:`fastnoise.reference.tile_linear_forward` on
 the same seed and offset (the weight noise of stream 0, drawn in the kernel or read generated;
-the output noise of stream 5; the noisy bias of stream 1), on small odd shapes whose crossbar
-tiles start at columns that are no multiple of 8 (K = 70 in tiles of at most 32: 24, 23, 23).
+the output noise of stream 5; the noisy bias of stream 1), on small odd shapes: K = 70 in tiles
+of at most 32 is three tiles of 24, 23 and 23 columns, the last starting at column 47 (no
+multiple of 8, where the kernel's K blocks must start), and the interpreter's 16 x 16 x 16
+blocks cross every tile's edges.
 On CPU the kernel runs through the Triton interpreter (tests/conftest.py sets it); on a GPU the
 same tests run compiled.
 
