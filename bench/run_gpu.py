@@ -977,7 +977,7 @@ PARTS = [
     Part("conv_correctness", 75, part_conv_correctness, ("conv_correct",), tuning="check"),
     Part("noise_readback", 12, part_noise_readback, ("noise_contract", "noise_moments", "noise_ks"),
          ("scipy",), tuning="check"),
-    Part("tile_timing", 30, part_tile_timing, ("tile_fused_agrees", "tile_fused_vs_composition")),
+    Part("tile_timing", 18, part_tile_timing, ("tile_fused_agrees", "tile_fused_vs_composition")),
     Part("linear_timing", 40, part_linear_timing, ("linear_vs_naive", "linear_vs_aihwkit",
                                                     "linear_small_m_vs_clean", "linear_large_m_vs_clean")),
     Part("mlp_memory", 15, part_mlp_memory, ("mlp_peak_memory",)),
