@@ -109,6 +109,11 @@ TARGETS = {t.id: t for t in [
            "output pixels where fused wins", "sets FUSED_MAX_OUTPUT_PIXELS"),
     Target("fused_min_weight_numel", "Conv crossover: smallest weight where fused wins at the "
            "smallest output", "sets FUSED_MIN_WEIGHT_NUMEL"),
+    Target("tile_fused_agrees", "crossbar tile Linear (8-bit DAC/ADC, bound per channel, output "
+           "noise) bf16: fused Triton kernel vs the torch composition, same noise: share of outputs "
+           "apart by more than one bf16 ulp (none by more than an ADC step per tile)", "<= 0.01"),
+    Target("tile_fused_vs_composition", "crossbar tile Linear bf16, 1024 M=256 and 4096 M=2048, "
+           "fwd and fwd+bwd: fused kernel / torch composition", "< 1 (worst)"),
 ]}
 
 
@@ -730,6 +735,72 @@ def _largest_prefix_win(points) -> int:
     return best
 
 
+def part_tile_timing(ctx: Context) -> None:
+    """The crossbar tile's Linear (issue 19) on the fused kernel (kernels/tile_matmul.py) against
+    its torch composition and the plain noisy layer, bf16: first the two tile forwards on the same
+    noise (how many outputs differ, by how much in ADC steps), then forward and forward +
+    backward medians side by side. Noise drawn in the kernel at M <= 64, read generated above."""
+    import torch
+    from fastnoise.kernels import tile_matmul
+
+    from fastnoise import NoiseSpec, tile_ops
+    from fastnoise.functional import noisy_linear
+    from fastnoise.tile import TileSpec
+
+    dev, bf16 = ctx.device, torch.bfloat16
+    shapes = ctx.pick([(256, 1024, 1024), (2048, 4096, 4096)], [(5, 70, 9)])
+    tile = TileSpec(max_input_size=ctx.pick(512, 32), inp_bits=8, out_bits=8, out_bound=10.0,
+                    bound_per_channel=True, out_noise=0.04, init_from_data=0)
+    spec, seed = NoiseSpec(ETA, "absmax_per_channel"), 0x7115
+    off = torch.tensor(3, device=dev)
+    old = tile_ops.TILE_FORWARD
+    worst_share, ratios = (-1.0, None), []
+    try:
+        for m, k, n in shapes:
+            x = torch.randn(m, k, device=dev).to(bf16).requires_grad_()
+            w = (torch.randn(n, k, device=dev) / k**0.5).to(bf16).requires_grad_()
+            r = torch.full((len(tile.sizes(k)),), 3.0, device=dev).requires_grad_()
+            g = torch.randn(m, n, device=dev).to(bf16)
+            name = f"bf16 M={m} K={k} N={n} tiles of {tile.max_input_size}"
+
+            def run(how, x=x, w=w, r=r):
+                tile_ops.TILE_FORWARD = how
+                return tile_ops.tile_linear(x, w, None, r, tile, spec, seed, off)
+
+            with torch.no_grad():
+                yf, yc = run("fused").float(), run("composition").float()
+            q = tile_matmul.tile_tables(tile, w.detach(), r.detach(), bf16, k)["qstep"].sum(0)
+            scale = max(1.0, yc.abs().max().item())
+            diff = (yf - yc).abs()
+            share = (diff > torch.finfo(bf16).eps * scale).float().mean().item()
+            steps = (diff / q.clamp_min(1e-30)).max().item()
+            ok = share <= 0.01 and bool((diff <= q + 2 * torch.finfo(bf16).eps * scale).all())
+            ctx.emit(f"{name} fused vs composition", "share_apart", share, ok=ok, max_adc_steps=steps)
+            worst_share = max(worst_share, (share if ok else float("inf"), name), key=lambda v: v[0])
+            fns = {"fused": lambda: run("fused"), "composition": lambda: run("composition"),
+                   "noisy_linear": lambda x=x, w=w: noisy_linear(x, w, None, spec, seed, off)}
+            res = {}
+            for prov, f in fns.items():
+                res[("fwd", prov)] = ctx.time_ms(f)
+                res[("fwd+bwd", prov)] = ctx.time_ms(lambda f=f, g=g: f().backward(g),
+                                                     grad_to_none=[x, w, r])
+            for (mode, prov), v in res.items():
+                ctx.emit(f"{name} {mode} {prov}", "ms", v, M=m, mode=mode, provider=prov)
+            for mode in ("fwd", "fwd+bwd"):
+                ratio = res[(mode, "fused")] / res[(mode, "composition")]
+                ctx.emit(f"{name} {mode} fused/composition", "ratio", ratio)
+                ctx.emit(f"{name} {mode} fused/noisy_linear", "ratio",
+                         res[(mode, "fused")] / res[(mode, "noisy_linear")])
+                ratios.append((ratio, f"{name} {mode}"))
+            del x, w, r, g, fns
+            ctx.free()
+    finally:
+        tile_ops.TILE_FORWARD = old
+    ctx.target("tile_fused_agrees", worst_share[0], worst_share[0] <= 0.01, f"worst: {worst_share[1]}")
+    worst = max(ratios)
+    ctx.target("tile_fused_vs_composition", worst[0], worst[0] < 1, f"worst at {worst[1]}")
+
+
 def part_linear_crossover(ctx: Context) -> None:
     """Fused vs generate, bf16, forward and forward + backward, over M at N = K = 4096 and 1024:
     where ``FUSED_MAX_M`` belongs."""
@@ -906,6 +977,7 @@ PARTS = [
     Part("conv_correctness", 75, part_conv_correctness, ("conv_correct",), tuning="check"),
     Part("noise_readback", 12, part_noise_readback, ("noise_contract", "noise_moments", "noise_ks"),
          ("scipy",), tuning="check"),
+    Part("tile_timing", 18, part_tile_timing, ("tile_fused_agrees", "tile_fused_vs_composition")),
     Part("linear_timing", 40, part_linear_timing, ("linear_vs_naive", "linear_vs_aihwkit",
                                                     "linear_small_m_vs_clean", "linear_large_m_vs_clean")),
     Part("mlp_memory", 15, part_mlp_memory, ("mlp_peak_memory",)),

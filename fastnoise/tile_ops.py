@@ -19,6 +19,9 @@ Without an ADC bound the tiles' partial outputs need no per-tile step, so the fo
 matmul of the DAC's output (tile by tile) with the noisy weight, plus the per-tile noise.
 A convolution is the same op on its unfolded input (``F.unfold``), as aihwkit-lightning does it.
 
+On CUDA the forward is instead the fused Triton kernel of ``kernels/tile_matmul.py`` (the same
+numbers, the same masks saved; :data:`TILE_FORWARD` chooses).
+
 The op is ``fastnoise::tile_linear`` (and ``fastnoise::tile_linear_backward``), registered with
 ``torch.library`` so that ``torch.compile(fullgraph=True)`` sees one node; eager calls on plain
 tensors run the same functions through :class:`_TileLinearFn`, without the wrapper.
@@ -240,6 +243,10 @@ def _tile_fwd(x, weight, bias, input_range, wmax, tile, sigma, mode, noise_bias,
     ``[T, M, N]`` of its gradient (else an empty tensor). ``wmax``: the tiles' ``max |W|`` where
     the caller has it (for sigma), else None; ``tile``: a TileSpec or its encoding."""
     tile = _decode(tile)
+    if _use_fused(x):  # CUDA: the fused Triton kernel (kernels/tile_matmul.py), same numbers
+        y, masks = _fused_forward(x, weight, bias, input_range, tile, sigma, mode, noise_bias, seed,
+                                  offset, weight_noise, out_noise)
+        return y, (x.new_empty(0, dtype=torch.uint8) if masks is None else masks)
     dtype = x.dtype
     ops = _kernels(x)
     plan = _Plan(tile, weight, input_range, dtype, ops=ops, wmax=wmax)
@@ -274,6 +281,46 @@ def _tile_fwd(x, weight, bias, input_range, wmax, tile, sigma, mode, noise_bias,
         else:
             y.add_(bias.detach().to(dtype))
     return y, masks
+
+
+# ----------------------------------------------------------------------------- the fused kernel
+# Which forward a layer on a tile runs: "auto" the fused Triton kernel (kernels/tile_matmul.py:
+# DAC in its prologue, output noise and ADC in its per-tile epilogue) on CUDA tensors and the
+# stages above elsewhere; "fused" the kernel on CPU tensors too (TRITON_INTERPRET=1: the tests);
+# "composition" never the kernel. float64 always takes the stages above.
+TILE_FORWARD = "auto"
+
+
+def _use_fused(x: Tensor) -> bool:
+    from . import dispatch
+
+    if TILE_FORWARD not in ("auto", "fused", "composition"):
+        raise ValueError(f"fastnoise.tile_ops.TILE_FORWARD must be 'auto', 'fused' or 'composition', "
+                         f"got {TILE_FORWARD!r}")
+    if TILE_FORWARD == "composition" or (TILE_FORWARD == "auto" and x.device.type != "cuda"):
+        return False
+    ok, why = dispatch.triton_usable(x)
+    if ok and x.dtype not in dispatch.KERNEL_DTYPES:
+        ok, why = False, f"the kernel takes float16, bfloat16 or float32, got {x.dtype}"
+    if not ok and TILE_FORWARD == "fused":
+        dispatch.warn_once(f"tile:{why}", f"fastnoise.tile_linear: the fused kernel is unavailable "
+                           f"({why}); using the torch composition")
+    return ok
+
+
+def _fused_forward(x, weight, bias, input_range, tile, sigma, mode, noise_bias, seed, offset,
+                   weight_noise, out_noise):
+    """The kernel's ``(y, masks)``. The weight noise is drawn inside it where the linear layer's
+    ``auto`` would run its fused kernel (few rows), else ``W + sigma z`` is generated once and read."""
+    from . import _backends_linear
+    from .kernels import tile_matmul
+
+    wn = None
+    if weight_noise and _backends_linear.auto_path(x) != "fused":
+        wn = _backends.noisy_weight(weight, sigma, mode, seed, offset, x.dtype)
+    return tile_matmul.tile_matmul_fwd(x, weight, bias, input_range, tile, sigma, mode, noise_bias,
+                                       seed, offset, weight_noise=weight_noise, out_noise=out_noise,
+                                       noisy_weight=wn)
 
 
 def _tile_bwd(grad, x, weight, input_range, tile, sigma, mode, seed, offset, masks, weight_noise,

@@ -4,7 +4,7 @@ Run by ``tests/test_kernels_compile.py`` in a subprocess with ``TRITON_INTERPRET
 the interpreter ``@triton.jit`` objects are interpreter functions, and the interpreter misses
 what only the real compiler rejects)::
 
-    python tests/_compile_kernels.py REPORT.json [noise_gen noisy_matmul noisy_conv pcm_chip]
+    python tests/_compile_kernels.py REPORT.json [noise_gen noisy_matmul noisy_conv pcm_chip tile_matmul]
 
 Signatures are not written by hand: each case calls the module's real host launcher on small
 CPU tensors with the kernel swapped for a recorder, and turns the recorded arguments into a
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-KERNEL_MODULES = ("noise_gen", "noisy_matmul", "noisy_conv", "pcm_chip")
+KERNEL_MODULES = ("noise_gen", "noisy_matmul", "noisy_conv", "pcm_chip", "tile_matmul")
 HELPER_MODULES = ("philox",)  # @jit device functions only, compiled inside the kernels
 ARCH = 90
 
@@ -63,8 +63,8 @@ def dtypes(full):
     return FULL_DTYPES if full else DTYPES
 
 
-_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-          torch.int64: "i64", torch.int32: "i32"}
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+          torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8"}
 _OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
@@ -365,8 +365,54 @@ def cases_pcm_chip(full):
     return c.jobs
 
 
+def cases_tile_matmul(full):
+    from fastnoise.kernels import tile_matmul as m
+
+    from fastnoise.tile import TileSpec
+
+    c = _Cases(m)
+    kernel = "_tile_matmul_kernel"
+    # three crossbar tiles of 86, 85, 85 rows: DAC, ADC per channel, output noise
+    full_tile = TileSpec(max_input_size=100, inp_bits=8, out_bits=8, out_bound=10.0,
+                         bound_per_channel=True, out_noise=0.04, init_from_data=0)
+
+    def fwd(wdt, cdt, mode, tile=full_tile, what="tile", generated=False, bias=True, configs="first"):
+        x = torch.randn(2, 12, 256, dtype=cdt)  # M = 24 rows, K = 256
+        w = torch.randn(384, 256, dtype=wdt)
+        b = torch.randn(384, dtype=wdt) if bias else None
+        r = torch.full((len(tile.sizes(256)),), 3.0)
+        noisy = torch.randn(384, 256, dtype=cdt) if generated else None
+        label = (f"{_tag(wdt, cdt)} mode{mode} {what}" + (" noise generated" if generated else "")
+                 + ("" if bias else " no bias"))
+        c.run(kernel, label, configs, m.tile_matmul_fwd, x, w, b, r, tile, _sigma(mode, 384), mode,
+              bias, SEED, _offset(), noisy_weight=noisy)
+
+    every = "all" if full else "first"
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default: float32 dots in IEEE
+        for wdt, cdt in dtypes(full):
+            for mode in MODES:
+                fwd(wdt, cdt, mode, configs=every)
+            if full or (wdt, cdt) == BF16:
+                fwd(wdt, cdt, 0, generated=True)
+                fwd(wdt, cdt, 0, bias=False)
+                fwd(wdt, cdt, 0, full_tile.replace(bound_per_channel=False, out_res=None, out_bits=None),
+                    "bound per tensor, no ADC quantization")
+                fwd(wdt, cdt, 0, full_tile.replace(out_bound=None, out_res=None, out_bits=None,
+                                                   out_noise=0.0), "DAC only")
+                fwd(wdt, cdt, 0, TileSpec(max_input_size=100, input_range=False), "no input range")
+        fwd(*BF16, 0, configs="all")
+        fwd(*BF16, 0, generated=True, configs="all")
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 with TF32 dots
+        fwd(torch.float32, torch.float32, 0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return c.jobs
+
+
 CASES = {"noise_gen": cases_noise_gen, "noisy_matmul": cases_noisy_matmul,
-         "noisy_conv": cases_noisy_conv, "pcm_chip": cases_pcm_chip}
+         "noisy_conv": cases_noisy_conv, "pcm_chip": cases_pcm_chip, "tile_matmul": cases_tile_matmul}
 
 
 # ----------------------------------------------------------------------------- kernel discovery

@@ -12,16 +12,20 @@ the modules' autotune lists. ``FASTNOISE_COMPILE_FULL=1`` widens it to every con
 dtype and mode (minutes: for a many-core machine); ``-s`` prints registers and spills.
 
 Spills (``n_spills`` = ptxas's spill-store bytes / 4) are asserted where the code claims none:
-every 16-bit / autocast case of noise_gen, the conv kernels and the matmul (but its last config);
-the others are recorded. Measured with
+every 16-bit / autocast case of noise_gen, the conv kernels, the matmul (but its last config) and
+the crossbar tile's kernel; the others are recorded. Measured with
 Triton 3.8's ptxas, default tier, after the 16-bit noise contract (2026-11-25): noise_gen spills
 in no case; 16-bit and autocast matmul spill in no config but the last (BM128 BP128 BR32: 2);
 float32 matmul (IEEE dots, which the dispatcher sends to cuBLAS) spills 0-10 with the first
 config (earlier FULL-tier runs saw up to ~2700 with the large configs); the implicit-GEMM conv
 spills in no config in 16-bit or under autocast (its config list was chosen for that, see
 ``kernels/noisy_conv.py``) and 6-7 in float32 (sent to cuDNN); the depthwise conv spills in no
-dtype. Stack frames come from spills only: the libdevice sin/cos slow path (a 32-byte frame in
-every kernel before) is gone with the contract's quadrant polynomials.
+dtype. The tile kernel (2026-12-02): no spills in 16-bit or under autocast in any config, none
+in float32 with IEEE dots, 1 with TF32; two things gave it frames before, both calls: IEEE
+float32 division (``div_rn``'s slow path; it divides by a float64 reciprocal instead) and int64
+division (its row index is divided in int32). Stack frames come from spills only: the
+libdevice sin/cos slow path (a 32-byte frame in every kernel before) is gone with the contract's
+quadrant polynomials.
 """
 
 import importlib.util
@@ -36,7 +40,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).with_name("_compile_kernels.py")
-MODULES = ("noise_gen", "noisy_matmul", "noisy_conv", "pcm_chip")
+MODULES = ("noise_gen", "noisy_matmul", "noisy_conv", "pcm_chip", "tile_matmul")
 # the (parameter -> compute dtype, mode) pairs every kernel must be compiled for
 DTYPE_TAGS = ("fp32->fp32", "bf16->bf16", "fp16->fp16", "fp32->bf16")
 MODES = (0, 1, 2)
