@@ -48,7 +48,8 @@ def main() -> None:
         for t in times:
             if (name, t) in b and (base, t) in a:
                 d = paired_difference(diff(b[(name, t)], a[(base, t)]))
-                print(f"B {name} - A {base} at t={t:g} s: {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]")
+                ci = f"[{d['low']:+.2f}, {d['high']:+.2f}]"
+                print(f"B {name} - A {base} at t={t:g} s: {d['mean']:+.2f} {ci}")
 
 
 if __name__ == "__main__":
