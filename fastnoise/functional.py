@@ -61,6 +61,16 @@ def _check_common(x: Tensor, weight: Tensor, bias: Optional[Tensor], spec) -> No
         raise TypeError(f"spec must be a fastnoise.NoiseSpec or None, got {type(spec).__name__}")
 
 
+def _check_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], spec) -> None:
+    """:func:`_check_common` and a linear's shapes: ``weight [out, in]``, ``input [..., in]``."""
+    _check_common(input, weight, bias, spec)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input's last dimension must be in_features={weight.shape[1]}, "
+                         f"got input shape {tuple(input.shape)}")
+
+
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     """The matmul dtype: autocast's if it is on, else the input's (which must match W's)."""
     dev = x.device.type
@@ -315,12 +325,7 @@ def noisy_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         path: ``"auto"``, ``"reference"``, ``"fused"`` or ``"generate"`` (see
             :mod:`fastnoise.dispatch`); ``backward_path`` overrides it for the backward.
     """
-    _check_common(input, weight, bias, spec)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"input's last dimension must be in_features={weight.shape[1]}, "
-                         f"got input shape {tuple(input.shape)}")
+    _check_linear(input, weight, bias, spec)
     if spec is None or spec.eta == 0.0 or weight.numel() == 0:  # no weight, no noise (sigma 0)
         return F.linear(input, weight, bias)
     x, sigma, mode, noise_bias, off, bpath = _prepare(input, weight, bias, spec, seed, offset,

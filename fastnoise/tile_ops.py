@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backends, rng
-from .functional import _check_common, _compute_dtype, _empty_like_none, _pair, _resolve_padding, _tracing
+from .functional import (
+    _check_linear,
+    _compute_dtype,
+    _empty_like_none,
+    _pair,
+    _resolve_padding,
+    _tracing,
+)
 from .reference import tile_wmax
 from .spec import NoiseSpec
 from .tile import STREAM_TILE_OUT, TileSpec
@@ -520,12 +527,7 @@ def tile_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], input_ran
 
     if not isinstance(tile, TileSpec):
         raise TypeError(f"tile must be a fastnoise.TileSpec, got {type(tile).__name__}")
-    _check_common(input, weight, bias, spec)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"input's last dimension must be in_features={weight.shape[1]}, "
-                         f"got input shape {tuple(input.shape)}")
+    _check_linear(input, weight, bias, spec)
     t = len(tile.sizes(weight.shape[1]))
     if update is not None and input_range is not None:
         update_input_range_(input_range, update, input.detach(), tile)
