@@ -220,6 +220,18 @@ class _Cases:
         self.jobs.extend(make_jobs(self.mod, kernel, calls, label, configs))
 
 
+@contextlib.contextmanager
+def _tf32(allow: bool):
+    """``torch.backends.cuda.matmul.allow_tf32`` set for the launches recorded inside (the
+    launchers read it), restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def _tag(wdt, cdt):
     return f"{_NAMES[wdt]}->{_NAMES[cdt]}"
 
@@ -278,9 +290,7 @@ def cases_noisy_matmul(full):
               split_k=split)
 
     every = "all" if full else "first"
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default: float32 dots in IEEE
+    with _tf32(False):  # PyTorch's default: float32 dots in IEEE
         for wdt, cdt in dtypes(full):
             for mode in MODES:
                 fwd(wdt, cdt, mode, configs=every)
@@ -293,11 +303,9 @@ def cases_noisy_matmul(full):
                 fwd(wdt, cdt, 0, noise_bias=False)
         fwd(*BF16, 0, configs="all")
         dx(*BF16, 0, configs="all")
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 with TF32 dots
+    with _tf32(True):  # float32 with TF32 dots
         fwd(torch.float32, torch.float32, 0)
         dx(torch.float32, torch.float32, 0)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return c.jobs
 
 
@@ -388,9 +396,7 @@ def cases_tile_matmul(full):
               bias, SEED, _offset(), noisy_weight=noisy)
 
     every = "all" if full else "first"
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default: float32 dots in IEEE
+    with _tf32(False):  # PyTorch's default: float32 dots in IEEE
         for wdt, cdt in dtypes(full):
             for mode in MODES:
                 fwd(wdt, cdt, mode, configs=every)
@@ -404,10 +410,8 @@ def cases_tile_matmul(full):
                 fwd(wdt, cdt, 0, TileSpec(max_input_size=100, input_range=False), "no input range")
         fwd(*BF16, 0, configs="all")
         fwd(*BF16, 0, generated=True, configs="all")
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 with TF32 dots
+    with _tf32(True):  # float32 with TF32 dots
         fwd(torch.float32, torch.float32, 0)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return c.jobs
 
 
